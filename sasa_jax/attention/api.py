@@ -1,0 +1,185 @@
+"""The public local-attention op: argument checking and dispatch to an implementation."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sasa_jax.attention.windows import BORDERS, AxisWindow, axis_window, rel_length
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """A registered implementation of the op.
+
+    ``fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)`` receives checked arguments and
+    the static ``AxisWindow`` of each axis; it returns ``out`` or ``(out, weights)``.
+    ``available(backend)`` says whether it runs on a JAX backend ("cpu", "gpu", "tpu").
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    available: Callable[[str], bool] = lambda backend: True
+
+
+_REGISTRY: dict[str, Implementation] = {}
+
+
+def register(impl: Implementation) -> None:
+    """Adds an implementation; later issues (Pallas kernels) slot in here."""
+    _REGISTRY[impl.name] = impl
+
+
+def attention_implementations(backend: str | None = None) -> list[str]:
+    """Names of the implementations that run on ``backend`` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    return [name for name, impl in _REGISTRY.items() if impl.available(backend)]
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return pair
+
+
+def _check_shapes(q: Array, k: Array, v: Array) -> None:
+    if q.ndim != 5:
+        raise ValueError(
+            f"q must be [batch, height, width, heads, dim], got shape {tuple(q.shape)}"
+        )
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.ndim != 5 or tuple(v.shape[:4]) != tuple(q.shape[:4]):
+        raise ValueError(
+            "v must be [batch, height, width, heads, dim_v] with q's first four dimensions "
+            f"{tuple(q.shape[:4])}, got {tuple(v.shape)}"
+        )
+
+
+def _check_rel(rel: Array | None, name: str, window: int, border: str, dim: int) -> None:
+    if rel is None:
+        return
+    if dim % 2:
+        raise ValueError(
+            f"{name} needs an even dim, so q splits into row and column halves; got dim={dim}"
+        )
+    expected = (rel_length(window, border), dim // 2)
+    if tuple(rel.shape) != expected:
+        raise ValueError(
+            f"{name} must have shape {expected} for window {window} and border {border!r}, "
+            f"got {tuple(rel.shape)}"
+        )
+
+
+def _check_border(border: str, window: tuple[int, int], dilation: int, image: tuple[int, int]):
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
+    if border != "clamp":
+        return
+    if dilation != 1:
+        raise ValueError(f"border 'clamp' needs dilation 1, got dilation={dilation}")
+    if window[0] > image[0] or window[1] > image[1]:
+        raise ValueError(
+            f"border 'clamp' needs a window no larger than the image: window {window}, "
+            f"image {image}"
+        )
+
+
+def _implementation(name: str) -> Implementation:
+    if name not in _REGISTRY:
+        raise ValueError(f"implementation must be one of {sorted(_REGISTRY)}, got {name!r}")
+    backend = jax.default_backend()
+    impl = _REGISTRY[name]
+    if not impl.available(backend):
+        raise ValueError(
+            f"implementation {name!r} does not run on backend {backend!r}; "
+            f"available: {attention_implementations(backend)}"
+        )
+    return impl
+
+
+def local_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    window: int | Sequence[int],
+    rel_row: Array | None = None,
+    rel_col: Array | None = None,
+    dilation: int = 1,
+    border: str = "mask",
+    implementation: str = "gather",
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """2-D local self-attention with relative-position logits (SASA, eq. 2-3).
+
+    Args:
+      q: ``[batch, height, width, heads, dim]`` queries (the op does no scaling).
+      k: ``[batch, height, width, heads, dim]`` keys.
+      v: ``[batch, height, width, heads, dim_v]`` values.
+      window: ``k`` or ``(kh, kw)``, each at least 1.
+      rel_row: ``[kh, dim/2]`` (``[2kh-1, dim/2]`` for border "clamp") row-offset embeddings,
+        shared across heads. Give both tables or neither.
+      rel_col: ``[kw, dim/2]`` (``[2kw-1, dim/2]`` for "clamp") column-offset embeddings.
+      dilation: step between window taps, at least 1 ("clamp" needs 1).
+      border: "mask", "zeros" or "clamp"; see the README for the exact semantics.
+      implementation: a name from ``attention_implementations()``. All return the same numbers.
+      return_weights: also return the attention weights.
+
+    Returns:
+      ``[batch, height, width, heads, dim_v]`` in v's dtype; with ``return_weights``, also the
+      weights ``[batch, height, width, heads, kh*kw]`` in the softmax dtype (float32 for bf16
+      and f16 inputs), window taps in row-major order (row tap ``t``, column tap ``u`` at
+      ``t*kw + u``). Taps outside the image have weight 0 under "mask".
+
+    Raises:
+      ValueError: for any inconsistent argument, before anything is traced or compiled.
+    """
+    _check_shapes(q, k, v)
+    window = _pair(window, "window")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an int of at least 1, got {dilation!r}")
+    image = (q.shape[1], q.shape[2])
+    _check_border(border, window, dilation, image)
+    if (rel_row is None) != (rel_col is None):
+        raise ValueError("give both rel_row and rel_col, or neither")
+    _check_rel(rel_row, "rel_row", window[0], border, q.shape[-1])
+    _check_rel(rel_col, "rel_col", window[1], border, q.shape[-1])
+    impl = _implementation(implementation)
+    rows = axis_window(image[0], window[0], dilation, border)
+    cols = axis_window(image[1], window[1], dilation, border)
+    result = impl.fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
+    return result
+
+
+def softmax_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype the softmax runs in: float32 for 16-bit inputs, else the input's."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
+
+
+__all__ = [
+    "AxisWindow",
+    "Implementation",
+    "attention_implementations",
+    "local_attention",
+    "register",
+    "softmax_dtype",
+]

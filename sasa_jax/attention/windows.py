@@ -1,0 +1,89 @@
+"""Static geometry of the local-attention window along one spatial axis.
+
+Everything here is plain NumPy computed from static shapes, so implementations can build
+their index tables and masks at trace time. A 2-D window is the product of a row window and a
+column window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+BORDERS = ("mask", "zeros", "clamp")
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisWindow:
+    """The window of every query along one axis of length ``size``.
+
+    Attributes:
+      size: number of positions along the axis (height or width).
+      window: window extent k along the axis.
+      dilation: step between window taps.
+      border: one of ``BORDERS``.
+      pad_before: zero rows to prepend so that tap ``t`` of query ``i`` is padded index
+        ``start[i] + dilation * t``.
+      pad_after: zero rows to append.
+      start: ``[size]`` int, first tap of each query in padded coordinates.
+      position: ``[size, window]`` int, the tap positions in image coordinates (may be
+        outside ``[0, size)`` for ``mask`` and ``zeros``).
+      valid: ``[size, window]`` bool, tap inside the image.
+      rel_index: ``[size, window]`` int, the row of the relative table each tap reads.
+      rel_length: the length the relative table must have.
+    """
+
+    size: int
+    window: int
+    dilation: int
+    border: str
+    pad_before: int
+    pad_after: int
+    start: np.ndarray
+    position: np.ndarray
+    valid: np.ndarray
+    rel_index: np.ndarray
+    rel_length: int
+
+    @property
+    def centred(self) -> bool:
+        """True when every query's window is the same shift of the query (no clamping)."""
+        return self.border != "clamp"
+
+
+def rel_length(window: int, border: str) -> int:
+    """Length of the relative-position table along an axis of window extent ``window``."""
+    return 2 * window - 1 if border == "clamp" else window
+
+
+def axis_window(size: int, window: int, dilation: int, border: str) -> AxisWindow:
+    """Computes the window geometry of one axis. See ``local_attention`` for the semantics."""
+    queries = np.arange(size)[:, None]
+    taps = np.arange(window)[None, :]
+    if border == "clamp":
+        first = np.clip(np.arange(size) - window // 2, 0, size - window)
+        position = first[:, None] + taps
+        rel_index = position - queries + (window - 1)
+        pad_before = pad_after = 0
+        start = first
+    else:
+        position = queries + dilation * (taps - window // 2)
+        rel_index = np.broadcast_to(taps, (size, window))
+        pad_before = dilation * (window // 2)
+        pad_after = dilation * (window - 1 - window // 2)
+        start = np.arange(size)
+    valid = (position >= 0) & (position < size)
+    return AxisWindow(
+        size=size,
+        window=window,
+        dilation=dilation,
+        border=border,
+        pad_before=pad_before,
+        pad_after=pad_after,
+        start=start.astype(np.int32),
+        position=position.astype(np.int32),
+        valid=valid,
+        rel_index=np.ascontiguousarray(rel_index, dtype=np.int32),
+        rel_length=rel_length(window, border),
+    )

@@ -1,0 +1,354 @@
+"""Flax NNX layers: the SASA layer (a drop-in for a 3x3 conv) and the attention stem.
+
+Initialisation (the paper does not say; these are our choices):
+  * Q/K/V (and the stem's mixture of value matrices) are bias-free 1x1 projections with LeCun
+    normal weights (truncated normal, variance 1/fan_in): unit-variance inputs give
+    unit-variance q, k and v components.
+  * Relative tables ``rel_row``/``rel_col`` are N(0, 1), the same per-component scale as k, so
+    q·k and q·r start out comparable. q is scaled by head_dim^-0.5 before both terms.
+  * The stem's position embeddings and mixture embeddings nu_m are N(0, 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sasa_jax.attention import BORDERS, attention_implementations, local_attention, rel_length
+
+Array = jax.Array
+
+POSITIONAL = ("relative", "absolute", "none")
+LOGITS = ("qk+qr", "qr")
+STEM_VALUES = ("spatially_aware", "stand_alone", "spatial_conv_values")
+
+
+def _choice(value: str, name: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def _check_implementation(name: str) -> None:
+    available = attention_implementations()
+    if name not in available:
+        raise ValueError(f"implementation must be one of {available}, got {name!r}")
+
+
+def sinusoidal_2d(height: int, width: int, features: int, dtype: Any = jnp.float32) -> Array:
+    """Fixed 2-D sinusoidal position embedding, ``[height, width, features]``.
+
+    The first half of the channels encodes the row, the second the column; each half is
+    ``[sin(p*f_0), ..., sin(p*f_{n-1}), cos(p*f_0), ...]`` with ``f_i = 10000^(-i/n)`` and
+    ``n = features // 4``. ``features`` must be a multiple of 4.
+    """
+    if features % 4:
+        raise ValueError(f"a 2-D sinusoidal embedding needs features % 4 == 0, got {features}")
+    n = features // 4
+    freqs = 10000.0 ** (-jnp.arange(n, dtype=jnp.float32) / n)
+
+    def encode(length):
+        angles = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs[None, :]
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [length, 2n]
+
+    rows = jnp.broadcast_to(encode(height)[:, None, :], (height, width, 2 * n))
+    cols = jnp.broadcast_to(encode(width)[None, :, :], (height, width, 2 * n))
+    return jnp.concatenate([rows, cols], axis=-1).astype(dtype)
+
+
+def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+def _split_heads(x: Array, num_heads: int) -> Array:
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+class SelfAttention2D(nnx.Module):
+    """The SASA layer (eq. 2-3): a drop-in replacement for a 3x3 convolution.
+
+    Maps ``[batch, height, width, in_features]`` to
+    ``[batch, height/strides, width/strides, out_features]``. Dense bias-free Q/K/V projections
+    (3·in·out weights), multi-head local attention over a ``window`` with relative logits, and
+    for ``strides=2`` a 2x2 average pool after the attention, as in the paper.
+
+    Args:
+      in_features, out_features: channel counts; out_features must divide into num_heads.
+      strides: 1 or 2.
+      window: spatial extent k (int or (kh, kw)); 7 in the paper.
+      num_heads: 8 in the paper.
+      positional: "relative" (learned rel_row/rel_col shared across heads), "absolute" (fixed
+        2-D sinusoid added to the keys) or "none".
+      logits: "qk+qr" (eq. 3) or "qr" (position only, no W_K; Table 6).
+      border, dilation, implementation: passed to ``local_attention``.
+      dtype: compute dtype (e.g. jnp.bfloat16); None follows the inputs and parameters.
+      param_dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        strides: int = 1,
+        window: int | tuple[int, int] = 7,
+        num_heads: int = 8,
+        positional: str = "relative",
+        logits: str = "qk+qr",
+        border: str = "mask",
+        dilation: int = 1,
+        implementation: str = "gather",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if strides not in (1, 2):
+            raise ValueError(f"strides must be 1 or 2, got {strides!r}")
+        if out_features % num_heads:
+            raise ValueError(
+                f"out_features ({out_features}) must be divisible by num_heads ({num_heads})"
+            )
+        _choice(positional, "positional", POSITIONAL)
+        _choice(logits, "logits", LOGITS)
+        _choice(border, "border", BORDERS)
+        _check_implementation(implementation)
+        if logits == "qr" and positional != "relative":
+            raise ValueError("logits='qr' needs positional='relative': it has no other logit")
+        head_dim = out_features // num_heads
+        if positional == "relative" and head_dim % 2:
+            raise ValueError(f"relative logits need an even head dim, got {head_dim}")
+        if positional == "absolute" and out_features % 4:
+            raise ValueError(f"absolute positions need out_features % 4 == 0, got {out_features}")
+        self.window = (window, window) if isinstance(window, int) else tuple(window)
+        self.in_features, self.out_features = in_features, out_features
+        self.strides, self.num_heads, self.head_dim = strides, num_heads, head_dim
+        self.positional, self.logits = positional, logits
+        self.border, self.dilation, self.implementation = border, dilation, implementation
+        self.dtype = dtype
+        self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        self.key = (
+            _projection(in_features, out_features, dtype, param_dtype, rngs)
+            if logits == "qk+qr"
+            else None
+        )
+        self.value = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        if positional == "relative":
+            init = jax.nn.initializers.normal(1.0)
+            kh, kw = self.window
+            self.rel_row = nnx.Param(
+                init(rngs.params(), (rel_length(kh, border), head_dim // 2), param_dtype)
+            )
+            self.rel_col = nnx.Param(
+                init(rngs.params(), (rel_length(kw, border), head_dim // 2), param_dtype)
+            )
+        else:
+            self.rel_row = self.rel_col = None
+
+    def __call__(self, x: Array, *, return_weights: bool = False):
+        """``x: [batch, height, width, in_features]``; optionally also the attention weights
+        ``[batch, height, width, heads, kh*kw]`` (before any pooling)."""
+        if x.ndim != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected [batch, height, width, {self.in_features}], got {tuple(x.shape)}"
+            )
+        q = self.query(x)
+        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        v = self.value(x)
+        if self.key is not None:
+            k = self.key(x)
+            if self.positional == "absolute":
+                k = k + sinusoidal_2d(x.shape[1], x.shape[2], self.out_features, k.dtype)
+        else:
+            k = jnp.zeros_like(q)
+        rel = {}
+        if self.rel_row is not None:
+            rel = {
+                "rel_row": self.rel_row[...].astype(q.dtype),
+                "rel_col": self.rel_col[...].astype(q.dtype),
+            }
+        result = local_attention(
+            _split_heads(q, self.num_heads),
+            _split_heads(k, self.num_heads),
+            _split_heads(v, self.num_heads),
+            window=self.window,
+            dilation=self.dilation,
+            border=self.border,
+            implementation=self.implementation,
+            return_weights=return_weights,
+            **rel,
+        )
+        out, weights = result if return_weights else (result, None)
+        out = out.reshape(*out.shape[:3], self.out_features)
+        if self.strides == 2:
+            out = nnx.avg_pool(out, (2, 2), strides=(2, 2), padding="SAME", count_include_pad=False)
+        return (out, weights) if return_weights else out
+
+
+class AttentionStem(nnx.Module):
+    """The attention stem (eq. 4-9): attention in each block x block tile, BN, ReLU, max pool.
+
+    Maps ``[batch, H, W, in_features]`` to ``[batch, H/block, W/block, out_features]``
+    (224x224x3 -> 56x56x64). Queries attend to every pixel of their own non-overlapping
+    ``block x block`` tile with relative logits (offsets in ``[-(block-1), block-1]``), which
+    is ``local_attention`` with border "clamp" and window ``block`` on each tile.
+
+    values:
+      "spatially_aware" (default, eq. 8-9): ``v_ab = (sum_m p(a,b,m) W_V^m) x_ab`` with
+        ``p(a,b,m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m)``, (a, b) the absolute position
+        inside the tile; p is shared across heads.
+      "stand_alone": plain eq. 3 values ``W_V x``.
+      "spatial_conv_values": values from a block x block "SAME" convolution (no bias).
+    ReLU after the batch norm is our choice (the paper states BN then max pool); it matches the
+    ResNet conv stem.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 64,
+        *,
+        block: int = 4,
+        num_heads: int = 4,
+        num_mixtures: int = 4,
+        values: str = "spatially_aware",
+        embed_dim: int | None = None,
+        bn_momentum: float = 0.9,
+        bn_epsilon: float = 1e-5,
+        implementation: str = "gather",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _choice(values, "values", STEM_VALUES)
+        _check_implementation(implementation)
+        if block < 1 or num_mixtures < 1:
+            raise ValueError(f"block and num_mixtures must be >= 1, got {block}, {num_mixtures}")
+        if out_features % num_heads or (out_features // num_heads) % 2:
+            raise ValueError(
+                f"out_features ({out_features}) must split into num_heads ({num_heads}) heads "
+                "of even size"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.num_heads = block, num_heads
+        self.head_dim = out_features // num_heads
+        self.values, self.implementation, self.dtype = values, implementation, dtype
+        self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        self.key = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        normal = jax.nn.initializers.normal(1.0)
+        table = (2 * block - 1, self.head_dim // 2)
+        self.rel_row = nnx.Param(normal(rngs.params(), table, param_dtype))
+        self.rel_col = nnx.Param(normal(rngs.params(), table, param_dtype))
+        self.value = (
+            _projection(in_features, out_features, dtype, param_dtype, rngs)
+            if values == "stand_alone"
+            else None
+        )
+        self.value_conv = (
+            nnx.Conv(
+                in_features,
+                out_features,
+                (block, block),
+                padding="SAME",
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            if values == "spatial_conv_values"
+            else None
+        )
+        if values == "spatially_aware":
+            embed_dim = embed_dim or out_features
+            lecun = jax.nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+            self.value_mixture = nnx.Param(
+                lecun(rngs.params(), (num_mixtures, in_features, out_features), param_dtype)
+            )
+            self.emb_row = nnx.Param(normal(rngs.params(), (block, embed_dim), param_dtype))
+            self.emb_col = nnx.Param(normal(rngs.params(), (block, embed_dim), param_dtype))
+            self.mixture_emb = nnx.Param(
+                normal(rngs.params(), (num_mixtures, embed_dim), param_dtype)
+            )
+        else:
+            self.value_mixture = self.emb_row = self.emb_col = self.mixture_emb = None
+        self.norm = nnx.BatchNorm(
+            out_features,
+            momentum=bn_momentum,
+            epsilon=bn_epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def mixture_weights(self) -> Array:
+        """p(a, b, m) of eq. 9, ``[block, block, num_mixtures]`` (float32)."""
+        emb = self.emb_row[...][:, None, :] + self.emb_col[...][None, :, :]
+        logits = jnp.einsum(
+            "abe,me->abm", emb.astype(jnp.float32), self.mixture_emb[...].astype(jnp.float32)
+        )
+        return jax.nn.softmax(logits, axis=-1)
+
+    def _values(self, x: Array) -> Array:
+        if self.value is not None:
+            return self.value(x)
+        if self.value_conv is not None:
+            return self.value_conv(x)
+        # Mix the M value matrices per position class, then apply the 16 mixed matrices.
+        kernels = self.value_mixture[...]
+        dtype = self.dtype or jnp.result_type(x.dtype, kernels.dtype)
+        mixed = jnp.einsum("abm,mco->abco", self.mixture_weights(), kernels.astype(jnp.float32))
+        b, h, w, c = x.shape
+        tiles = x.reshape(b, h // self.block, self.block, w // self.block, self.block, c)
+        v = jnp.einsum("bhawgc,agco->bhawgo", tiles.astype(dtype), mixed.astype(dtype))
+        return v.reshape(b, h, w, self.out_features)
+
+    def _to_tiles(self, x: Array) -> Array:
+        """``[b, H, W, n, d] -> [b*(H/s)*(W/s), s, s, n, d]`` for block size s."""
+        b, h, w, n, d = x.shape
+        s = self.block
+        x = x.reshape(b, h // s, s, w // s, s, n, d).transpose(0, 1, 3, 2, 4, 5, 6)
+        return x.reshape(-1, s, s, n, d)
+
+    def _from_tiles(self, x: Array, shape: tuple[int, ...]) -> Array:
+        b, h, w = shape[:3]
+        s = self.block
+        x = x.reshape(b, h // s, w // s, s, s, -1).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, h, w, -1)
+
+    def attend(self, x: Array, *, return_weights: bool = False):
+        """The stem's attention alone, before BN and pooling: ``[b, H, W, out_features]``
+        (and weights ``[b*(H/s)*(W/s), s, s, heads, s*s]`` per tile)."""
+        if x.ndim != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected [batch, height, width, {self.in_features}], got {tuple(x.shape)}"
+            )
+        if x.shape[1] % self.block or x.shape[2] % self.block:
+            raise ValueError(
+                f"the attention stem needs height and width divisible by block={self.block}, "
+                f"got {tuple(x.shape[1:3])}"
+            )
+        q = self.query(x)
+        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        k, v = self.key(x), self._values(x)
+        tiles = [self._to_tiles(_split_heads(t, self.num_heads)) for t in (q, k, v)]
+        result = local_attention(
+            *tiles,
+            window=self.block,
+            rel_row=self.rel_row[...].astype(q.dtype),
+            rel_col=self.rel_col[...].astype(q.dtype),
+            border="clamp",
+            implementation=self.implementation,
+            return_weights=return_weights,
+        )
+        out, weights = result if return_weights else (result, None)
+        out = self._from_tiles(out, x.shape)
+        return (out, weights) if return_weights else out
+
+    def __call__(self, x: Array) -> Array:
+        """``x: [batch, H, W, in_features] -> [batch, H/block, W/block, out_features]``."""
+        y = nnx.relu(self.norm(self.attend(x)))
+        return nnx.max_pool(y, (self.block, self.block), strides=(self.block, self.block))

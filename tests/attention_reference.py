@@ -1,0 +1,120 @@
+"""An independent reference for ``local_attention``, written from the contract in the README.
+
+It shares no code with the package. Window membership is computed by Python loops straight
+from the contract's formulas; the attention itself is a *dense* masked attention over every
+pixel of the image, plus one "virtual" key per out-of-image window tap (for border "zeros"),
+whose logit is only the relative term and whose value is zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tap_positions(size: int, window: int, dilation: int, border: str):
+    """Per query ``i`` and tap ``t``: (position, relative-table index), from the contract."""
+    result = np.zeros((size, window, 2), dtype=np.int64)
+    for i in range(size):
+        for t in range(window):
+            if border == "clamp":
+                first = min(max(i - window // 2, 0), size - window)
+                a = first + t
+                rel = (a - i) + (2 * window - 1) // 2
+            else:
+                a = i + dilation * (t - window // 2)
+                rel = (a - i) // dilation + window // 2
+            result[i, t] = (a, rel)
+    return result
+
+
+def membership(height, width, window, dilation, border):
+    """One-hot tables that place each window tap of each query.
+
+    Returns a dict of float arrays, with P = height*width queries and keys and T = kh*kw taps:
+      inside [P, P]: key pixel is in the query's window;
+      rows_in [P, P, Lr], cols_in [P, P, Lc]: relative-table rows of in-image keys;
+      outside [P, T]: tap lies outside the image (only counted under "zeros");
+      rows_out [P, T, Lr], cols_out [P, T, Lc]: relative-table rows of those taps;
+      tap_of_key [P, T, P], tap_is_out [P, T, T]: map dense weights back to window order.
+    """
+    kh, kw = window
+    lr = 2 * kh - 1 if border == "clamp" else kh
+    lc = 2 * kw - 1 if border == "clamp" else kw
+    rows = tap_positions(height, kh, dilation, border)
+    cols = tap_positions(width, kw, dilation, border)
+    p, t_count = height * width, kh * kw
+    m = {
+        "inside": np.zeros((p, p)),
+        "rows_in": np.zeros((p, p, lr)),
+        "cols_in": np.zeros((p, p, lc)),
+        "outside": np.zeros((p, t_count)),
+        "rows_out": np.zeros((p, t_count, lr)),
+        "cols_out": np.zeros((p, t_count, lc)),
+        "tap_of_key": np.zeros((p, t_count, p)),
+        "tap_is_out": np.zeros((p, t_count, t_count)),
+    }
+    for i in range(height):
+        for j in range(width):
+            query = i * width + j
+            for t in range(kh):
+                for u in range(kw):
+                    a, ra = rows[i, t]
+                    b, cb = cols[j, u]
+                    tap = t * kw + u
+                    if 0 <= a < height and 0 <= b < width:
+                        key = a * width + b
+                        assert m["inside"][query, key] == 0, "a pixel twice in one window"
+                        m["inside"][query, key] = 1
+                        m["rows_in"][query, key, ra] = 1
+                        m["cols_in"][query, key, cb] = 1
+                        m["tap_of_key"][query, tap, key] = 1
+                    elif border == "zeros":
+                        m["outside"][query, tap] = 1
+                        m["rows_out"][query, tap, ra] = 1
+                        m["cols_out"][query, tap, cb] = 1
+                        m["tap_is_out"][query, tap, tap] = 1
+    return m
+
+
+def reference_attention(q, k, v, *, window, rel_row=None, rel_col=None, dilation=1, border="mask"):
+    """Dense masked local attention. Returns (out [b,h,w,n,dv], weights [b,h,w,n,kh*kw])."""
+    window = (window, window) if isinstance(window, int) else tuple(window)
+    b, h, w, n, d = q.shape
+    m = {
+        key: jnp.asarray(val, jnp.float32)
+        for key, val in membership(h, w, window, dilation, border).items()
+    }
+    qf = q.astype(jnp.float32).reshape(b, h * w, n, d)
+    kf = k.astype(jnp.float32).reshape(b, h * w, n, d)
+    vf = v.astype(jnp.float32).reshape(b, h * w, n, v.shape[-1])
+    hp = jax.lax.Precision.HIGHEST
+    logits_in = jnp.einsum("bpnd,bqnd->bnpq", qf, kf, precision=hp)
+    logits_out = jnp.zeros((b, n, h * w, window[0] * window[1]))
+    if rel_row is not None:
+        qr = jnp.einsum(
+            "bpnd,rd->bnpr", qf[..., : d // 2], rel_row.astype(jnp.float32), precision=hp
+        )
+        qc = jnp.einsum(
+            "bpnd,cd->bnpc", qf[..., d // 2 :], rel_col.astype(jnp.float32), precision=hp
+        )
+        logits_in += jnp.einsum("bnpr,pqr->bnpq", qr, m["rows_in"], precision=hp)
+        logits_in += jnp.einsum("bnpc,pqc->bnpq", qc, m["cols_in"], precision=hp)
+        logits_out += jnp.einsum("bnpr,ptr->bnpt", qr, m["rows_out"], precision=hp)
+        logits_out += jnp.einsum("bnpc,ptc->bnpt", qc, m["cols_out"], precision=hp)
+    logits = jnp.concatenate(
+        [
+            jnp.where(m["inside"] > 0, logits_in, -jnp.inf),
+            jnp.where(m["outside"] > 0, logits_out, -jnp.inf),
+        ],
+        axis=-1,
+    )
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs_in, probs_out = probs[..., : h * w], probs[..., h * w :]
+    out = jnp.einsum("bnpq,bqne->bpne", probs_in, vf, precision=hp)  # virtual values are 0
+    taps = jnp.einsum("bnpq,ptq->bnpt", probs_in, m["tap_of_key"], precision=hp)
+    taps += jnp.einsum("bnps,pts->bnpt", probs_out, m["tap_is_out"], precision=hp)
+    out = out.reshape(b, h, w, n, -1)
+    weights = jnp.transpose(taps, (0, 2, 1, 3)).reshape(b, h, w, n, -1)
+    return out, weights

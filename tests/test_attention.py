@@ -1,0 +1,268 @@
+"""local_attention: every implementation against the independent dense reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_reference import reference_attention
+
+import sasa_jax
+from sasa_jax import local_attention
+
+IMPLEMENTATIONS = sasa_jax.attention_implementations()
+
+
+def _inputs(seed, image, window, border, rel, batch=2, heads=2, dim=4, dim_v=3):
+    kq, kk, kv, kr, kc = jax.random.split(jax.random.key(seed), 5)
+    h, w = image
+    kh, kw = (window, window) if isinstance(window, int) else window
+    q = jax.random.normal(kq, (batch, h, w, heads, dim))
+    k = jax.random.normal(kk, (batch, h, w, heads, dim))
+    v = jax.random.normal(kv, (batch, h, w, heads, dim_v))
+    tables = {}
+    if rel:
+        lr, lc = (2 * kh - 1, 2 * kw - 1) if border == "clamp" else (kh, kw)
+        tables = {
+            "rel_row": jax.random.normal(kr, (lr, dim // 2)),
+            "rel_col": jax.random.normal(kc, (lc, dim // 2)),
+        }
+    return q, k, v, tables
+
+
+# (image, window, dilation): odd, even and rectangular windows, dilation, and images smaller
+# than the window (mask and zeros only: clamp needs the window to fit).
+GEOMETRIES = [
+    ((6, 7), 3, 1),
+    ((6, 7), 4, 1),
+    ((5, 6), (3, 5), 1),
+    ((6, 5), (2, 1), 1),
+    ((7, 6), 3, 2),
+    ((7, 8), (2, 3), 3),
+    ((2, 3), 5, 1),
+    ((3, 2), (4, 7), 2),
+]
+CASES = [
+    (border, image, window, dilation, rel)
+    for (image, window, dilation), border, rel in itertools.product(
+        GEOMETRIES, ("mask", "zeros", "clamp"), (True, False)
+    )
+    if border != "clamp" or (dilation == 1 and np.all(np.array(window) <= np.array(image)))
+]
+
+
+def _case_id(case):
+    border, image, window, dilation, rel = case
+    tables = "rel" if rel else "norel"
+    return f"{border}-img{image[0]}x{image[1]}-win{window}-dil{dilation}-{tables}"
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(implementation, case):
+    border, image, window, dilation, rel = case
+    q, k, v, tables = _inputs(0, image, window, border, rel)
+    kwargs = dict(window=window, dilation=dilation, border=border, **tables)
+    out, weights = local_attention(
+        q, k, v, implementation=implementation, return_weights=True, **kwargs
+    )
+    ref_out, ref_weights = reference_attention(q, k, v, **kwargs)
+    chex.assert_shape(out, v.shape)
+    chex.assert_shape(weights, q.shape[:4] + (ref_weights.shape[-1],))
+    chex.assert_trees_all_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(weights, ref_weights, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES[::3], ids=_case_id)
+def test_gradients_match_reference(implementation, case):
+    border, image, window, dilation, rel = case
+    q, k, v, tables = _inputs(1, image, window, border, rel)
+    cotangent = jax.random.normal(jax.random.key(2), v.shape)
+    static = dict(window=window, dilation=dilation, border=border)
+
+    def loss(fn, q, k, v, tables):
+        return jnp.sum(fn(q, k, v, **tables, **static) * cotangent)
+
+    def ours(q, k, v, **kw):
+        return local_attention(q, k, v, implementation=implementation, **kw)
+
+    def ref(q, k, v, **kw):
+        return reference_attention(q, k, v, **kw)[0]
+
+    grads = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3))(q, k, v, tables)
+    ref_grads = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2, 3))(q, k, v, tables)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("border", ["mask", "zeros", "clamp"])
+def test_bfloat16_runs_and_stays_close(implementation, border):
+    q, k, v, tables = _inputs(3, (8, 8), 5, border, True, dim=8, dim_v=8)
+    cast = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    out, weights = local_attention(
+        cast(q),
+        cast(k),
+        cast(v),
+        window=5,
+        border=border,
+        rel_row=cast(tables["rel_row"]),
+        rel_col=cast(tables["rel_col"]),
+        implementation=implementation,
+        return_weights=True,
+    )
+    assert out.dtype == jnp.bfloat16
+    assert weights.dtype == jnp.float32
+    ref_out, ref_weights = reference_attention(
+        cast(q),
+        cast(k),
+        cast(v),
+        window=5,
+        border=border,
+        rel_row=cast(tables["rel_row"]),
+        rel_col=cast(tables["rel_col"]),
+    )
+    np.testing.assert_allclose(np.float32(out), ref_out, atol=5e-2, rtol=5e-2)
+    np.testing.assert_allclose(weights, ref_weights, atol=2e-2)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_border_semantics_by_hand(implementation):
+    """A 1x3 image, window 3, q = 0 (uniform logits): the averages each border implies."""
+    v = jnp.array([1.0, 10.0, 100.0]).reshape(1, 1, 3, 1, 1)
+    q = jnp.zeros((1, 1, 3, 1, 2))
+    avg = {}
+    for border in ("mask", "zeros"):
+        avg[border] = local_attention(
+            q, q, v, window=(1, 3), border=border, implementation=implementation
+        )[0, 0, :, 0, 0]
+    avg["clamp"] = local_attention(
+        q, q, v, window=(1, 3), border="clamp", implementation=implementation
+    )[0, 0, :, 0, 0]
+    np.testing.assert_allclose(avg["mask"], [5.5, 37.0, 55.0], rtol=1e-6)
+    np.testing.assert_allclose(avg["zeros"], [11 / 3, 37.0, 110 / 3], rtol=1e-6)
+    np.testing.assert_allclose(avg["clamp"], [37.0, 37.0, 37.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_even_window_reaches_one_more_before(implementation):
+    """Window 2 on a 1x3 image: query j sees columns j-1 and j (contract: kh//2 before)."""
+    v = jnp.array([1.0, 10.0, 100.0]).reshape(1, 1, 3, 1, 1)
+    q = jnp.zeros((1, 1, 3, 1, 2))
+    out = local_attention(q, q, v, window=(1, 2), border="mask", implementation=implementation)
+    np.testing.assert_allclose(out[0, 0, :, 0, 0], [1.0, 5.5, 55.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_relative_logits_pick_the_right_offset(implementation):
+    """A single large row embedding at offset +1 makes every query copy the pixel below it."""
+    h, w = 4, 3
+    v = jnp.arange(h * w, dtype=jnp.float32).reshape(1, h, w, 1, 1)
+    q = jnp.ones((1, h, w, 1, 2))
+    rel_row = jnp.array([[0.0], [0.0], [50.0]])  # offsets -1, 0, +1
+    rel_col = jnp.array([[0.0], [30.0], [0.0]])  # prefer offset 0
+    out = local_attention(
+        q,
+        jnp.zeros_like(q),
+        v,
+        window=3,
+        rel_row=rel_row,
+        rel_col=rel_col,
+        border="mask",
+        implementation=implementation,
+    )
+    below = np.arange(h * w, dtype=np.float32).reshape(h, w)[1:]
+    np.testing.assert_allclose(out[0, :-1, :, 0, 0], below, atol=1e-4)
+
+
+def test_gather_fits_the_paper_layer_size():
+    """Shapes only (eval_shape): the full-size fwd+bwd run is in benchmarks/attention.py."""
+    q = jax.ShapeDtypeStruct((8, 56, 56, 8, 8), jnp.float32)
+    rel = jax.ShapeDtypeStruct((7, 4), jnp.float32)
+    out = jax.eval_shape(
+        lambda q, r: local_attention(q, q, q, window=7, rel_row=r, rel_col=r), q, rel
+    )
+    chex.assert_shape(out, (8, 56, 56, 8, 8))
+
+
+def _good():
+    q = jnp.zeros((1, 5, 5, 2, 4))
+    return q, q, jnp.zeros((1, 5, 5, 2, 3))
+
+
+BAD_ARGUMENTS = {
+    "window below 1": (dict(window=0), "window"),
+    "window of three": (dict(window=(3, 3, 3)), "window"),
+    "window not int": (dict(window=2.5), "window"),
+    "dilation below 1": (dict(window=3, dilation=0), "dilation"),
+    "unknown border": (dict(window=3, border="reflect"), "border"),
+    "unknown implementation": (dict(window=3, implementation="magic"), "implementation"),
+    "only rel_row": (dict(window=3, rel_row=jnp.zeros((3, 2))), "rel_row"),
+    "only rel_col": (dict(window=3, rel_col=jnp.zeros((3, 2))), "rel_col"),
+    "rel_row wrong length": (
+        dict(window=3, rel_row=jnp.zeros((5, 2)), rel_col=jnp.zeros((3, 2))),
+        "rel_row",
+    ),
+    "rel_col wrong length": (
+        dict(window=3, rel_row=jnp.zeros((3, 2)), rel_col=jnp.zeros((4, 2))),
+        "rel_col",
+    ),
+    "rel table wrong width": (
+        dict(window=3, rel_row=jnp.zeros((3, 3)), rel_col=jnp.zeros((3, 2))),
+        "rel_row",
+    ),
+    "clamp rel of centred length": (
+        dict(window=3, border="clamp", rel_row=jnp.zeros((3, 2)), rel_col=jnp.zeros((3, 2))),
+        "rel_row",
+    ),
+    "clamp window larger than image": (dict(window=(6, 3), border="clamp"), "clamp"),
+    "clamp with dilation": (dict(window=3, dilation=2, border="clamp"), "clamp"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGUMENTS))
+def test_bad_arguments_raise_value_error(name):
+    kwargs, match = BAD_ARGUMENTS[name]
+    with pytest.raises(ValueError, match=match):
+        local_attention(*_good(), **kwargs)
+
+
+def test_odd_dim_with_rel_tables_raises():
+    q = jnp.zeros((1, 5, 5, 2, 3))
+    with pytest.raises(ValueError, match="even dim"):
+        local_attention(q, q, q, window=3, rel_row=jnp.zeros((3, 1)), rel_col=jnp.zeros((3, 1)))
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 5, 5, 2, 4), (1, 5, 5, 2, 4), (1, 5, 4, 2, 3)), "v must"),
+        (((1, 5, 5, 2, 4), (1, 5, 5, 2, 2), (1, 5, 5, 2, 3)), "k must"),
+        (((1, 5, 5, 8), (1, 5, 5, 8), (1, 5, 5, 8)), "q must"),
+    ],
+)
+def test_disagreeing_shapes_raise(shapes, match):
+    q, k, v = (jnp.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        local_attention(q, k, v, window=3)
+
+
+def test_errors_come_before_tracing_under_jit():
+    """Inside jit the ValueError still comes from the argument check, not from XLA."""
+
+    @jax.jit
+    def f(q):
+        return local_attention(q, q, q, window=3, border="clamp")
+
+    with pytest.raises(ValueError, match="clamp"):
+        f(jnp.zeros((1, 2, 2, 1, 2)))
+
+
+def test_implementations_listed():
+    assert "gather" in sasa_jax.attention_implementations()
+    assert "gather" in sasa_jax.attention_implementations("cpu")

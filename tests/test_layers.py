@@ -1,0 +1,244 @@
+"""The NNX layers: the SASA layer and the attention stem."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attention_reference import reference_attention
+from flax import nnx
+
+from sasa_jax.layers import AttentionStem, SelfAttention2D, sinusoidal_2d
+
+
+def _params(module) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _x(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize(
+    "shape, strides, window, expected",
+    [
+        ((2, 8, 8, 16), 1, 7, (2, 8, 8, 32)),
+        ((2, 8, 8, 16), 2, 7, (2, 4, 4, 32)),
+        ((1, 7, 9, 16), 2, 3, (1, 4, 5, 32)),  # odd sizes: SAME pooling, like a stride-2 conv
+        ((1, 6, 5, 16), 1, (3, 5), (1, 6, 5, 32)),
+    ],
+)
+def test_layer_shapes(shape, strides, window, expected):
+    layer = SelfAttention2D(16, 32, strides=strides, window=window, rngs=nnx.Rngs(0))
+    chex.assert_shape(layer(_x(shape)), expected)
+
+
+@pytest.mark.parametrize(
+    "positional, logits, expected",
+    [
+        # 3 dense projections + rel tables (k rows of head_dim/2 each, for rows and columns)
+        ("relative", "qk+qr", 3 * 64 * 128 + 2 * 7 * (128 // 8 // 2)),
+        ("relative", "qr", 2 * 64 * 128 + 2 * 7 * (128 // 8 // 2)),
+        ("absolute", "qk+qr", 3 * 64 * 128),
+        ("none", "qk+qr", 3 * 64 * 128),
+    ],
+)
+def test_layer_parameter_count(positional, logits, expected):
+    layer = SelfAttention2D(64, 128, positional=positional, logits=logits, rngs=nnx.Rngs(0))
+    assert _params(layer) == expected
+
+
+def test_clamp_layer_has_longer_tables():
+    layer = SelfAttention2D(16, 16, window=5, num_heads=2, border="clamp", rngs=nnx.Rngs(0))
+    chex.assert_shape([layer.rel_row[...], layer.rel_col[...]], [(9, 4), (9, 4)])
+
+
+def test_layer_is_projections_plus_op():
+    """The layer's wiring (scaling, head split) against the dense reference op."""
+    layer = SelfAttention2D(8, 16, window=3, num_heads=2, rngs=nnx.Rngs(1))
+    x = _x((2, 5, 6, 8))
+    wq, wk, wv = (m.kernel[...] for m in (layer.query, layer.key, layer.value))
+    split = lambda t: t.reshape(2, 5, 6, 2, 8)  # noqa: E731
+    ref, _ = reference_attention(
+        split(x @ wq) / np.sqrt(8.0),
+        split(x @ wk),
+        split(x @ wv),
+        window=3,
+        rel_row=layer.rel_row[...],
+        rel_col=layer.rel_col[...],
+    )
+    chex.assert_trees_all_close(layer(x), ref.reshape(2, 5, 6, 16), atol=1e-4, rtol=1e-4)
+
+
+def test_stride_two_is_average_pool_after_attention():
+    x = _x((2, 8, 6, 8))
+    dense = SelfAttention2D(8, 16, window=3, num_heads=2, rngs=nnx.Rngs(3))
+    pooled = SelfAttention2D(8, 16, window=3, num_heads=2, strides=2, rngs=nnx.Rngs(3))
+    y = np.asarray(dense(x)).reshape(2, 4, 2, 3, 2, 16).mean(axis=(2, 4))
+    chex.assert_trees_all_close(pooled(x), y, atol=1e-5, rtol=1e-5)
+
+
+def _shift(x, dy, dx):
+    return jnp.roll(x, (dy, dx), axis=(1, 2))
+
+
+@pytest.mark.parametrize(
+    "positional, equivariant", [("relative", True), ("none", True), ("absolute", False)]
+)
+def test_translation_equivariance_away_from_borders(positional, equivariant):
+    layer = SelfAttention2D(8, 16, window=3, num_heads=2, positional=positional, rngs=nnx.Rngs(0))
+    x = _x((1, 12, 12, 8))
+    y, y_shifted = layer(x), layer(_shift(x, 2, 3))
+    # Interior queries whose windows (radius 1) stay away from both the border and the wrap.
+    inner = np.s_[:, 4:10, 5:10]
+    close = np.allclose(_shift(y, 2, 3)[inner], y_shifted[inner], atol=1e-5)
+    assert close == equivariant
+
+
+def test_absolute_adds_a_sinusoid_to_the_keys():
+    none = SelfAttention2D(8, 16, window=3, num_heads=2, positional="none", rngs=nnx.Rngs(4))
+    absolute = SelfAttention2D(
+        8, 16, window=3, num_heads=2, positional="absolute", rngs=nnx.Rngs(4)
+    )
+    x = _x((1, 6, 6, 8))
+    wq, wk, wv = (m.kernel[...] for m in (absolute.query, absolute.key, absolute.value))
+    split = lambda t: t.reshape(1, 6, 6, 2, 8)  # noqa: E731
+    pe = np.zeros((6, 6, 16), np.float32)
+    for i in range(6):
+        for j in range(6):
+            for f in range(4):
+                freq = 10000.0 ** (-f / 4)
+                pe[i, j, f], pe[i, j, 4 + f] = np.sin(i * freq), np.cos(i * freq)
+                pe[i, j, 8 + f], pe[i, j, 12 + f] = np.sin(j * freq), np.cos(j * freq)
+    chex.assert_trees_all_close(sinusoidal_2d(6, 6, 16), pe, atol=1e-5)
+    ref, _ = reference_attention(
+        split(x @ wq) / np.sqrt(8.0), split(x @ wk + pe), split(x @ wv), window=3
+    )
+    chex.assert_trees_all_close(absolute(x), ref.reshape(1, 6, 6, 16), atol=1e-4, rtol=1e-4)
+    assert not np.allclose(none(x), absolute(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("logits, key_content_matters", [("qk+qr", True), ("qr", False)])
+def test_qr_logits_ignore_key_content(logits, key_content_matters):
+    layer = SelfAttention2D(8, 16, window=3, num_heads=2, logits=logits, rngs=nnx.Rngs(0))
+    assert (layer.key is None) == (logits == "qr")
+    x = _x((1, 5, 5, 8))
+    x_changed = x.at[0, 2, 3].add(3.0)  # a neighbour of the query at (2, 2)
+    _, w = layer(x, return_weights=True)
+    _, w_changed = layer(x_changed, return_weights=True)
+    assert (not np.allclose(w[0, 2, 2], w_changed[0, 2, 2], atol=1e-5)) == key_content_matters
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    layer = SelfAttention2D(8, 16, window=3, num_heads=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    y = layer(_x((1, 6, 6, 8)))
+    assert y.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(layer, nnx.Param)))
+    full = SelfAttention2D(8, 16, window=3, num_heads=2, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.float32(y), full(_x((1, 6, 6, 8))), atol=0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(strides=3), "strides"),
+        (dict(num_heads=5), "num_heads"),
+        (dict(positional="learned"), "positional"),
+        (dict(logits="qk"), "logits"),
+        (dict(logits="qr", positional="none"), "qr"),
+        (dict(border="reflect"), "border"),
+        (dict(implementation="magic"), "implementation"),
+        (dict(num_heads=16), "even head dim"),
+    ],
+)
+def test_layer_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfAttention2D(16, 16, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_layer_wrong_input_channels():
+    with pytest.raises(ValueError, match="expected"):
+        SelfAttention2D(16, 16, rngs=nnx.Rngs(0))(jnp.zeros((1, 8, 8, 8)))
+
+
+# ----------------------------------------------------------------------------- the stem
+
+
+def test_stem_maps_224_to_56():
+    stem = AttentionStem(rngs=nnx.Rngs(0))
+    chex.assert_shape(stem(jnp.ones((1, 224, 224, 3))), (1, 56, 56, 64))
+
+
+def _tile_attention(q, k, v, rel_row, rel_col, s):
+    """Dense attention inside each s x s tile, written out independently of the op."""
+    b, h, w, n, d = q.shape
+
+    def tiles(t):
+        t = t.reshape(b, h // s, s, w // s, s, n, -1).transpose(0, 1, 3, 5, 2, 4, 6)
+        return t.reshape(b, h // s, w // s, n, s * s, -1)
+
+    qt, kt, vt = tiles(q), tiles(k), tiles(v)
+    rows, cols = np.divmod(np.arange(s * s), s)
+    dr = rows[None, :] - rows[:, None] + s - 1  # [query, key] index into the tables
+    dc = cols[None, :] - cols[:, None] + s - 1
+    logits = jnp.einsum("...pd,...qd->...pq", qt, kt)
+    logits += jnp.einsum("...pd,pqd->...pq", qt[..., : d // 2], rel_row[dr])
+    logits += jnp.einsum("...pd,pqd->...pq", qt[..., d // 2 :], rel_col[dc])
+    out = jnp.einsum("...pq,...qe->...pe", jax.nn.softmax(logits, -1), vt)
+    out = out.reshape(b, h // s, w // s, n, s, s, -1).transpose(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(b, h, w, -1)
+
+
+def test_stem_spatially_aware_attention_matches_hand_computation():
+    stem = AttentionStem(3, 16, num_heads=2, num_mixtures=3, rngs=nnx.Rngs(2))
+    x = _x((2, 8, 8, 3))
+    # eq. 9: p(a, b, m) from absolute positions inside the tile, shared across heads.
+    emb_row, emb_col = stem.emb_row[...], stem.emb_col[...]
+    nu, w_m = stem.mixture_emb[...], stem.value_mixture[...]
+    v = np.zeros((2, 8, 8, 16), np.float32)
+    for i in range(8):
+        for j in range(8):
+            a, c = i % 4, j % 4
+            p = jax.nn.softmax(nu @ (emb_row[a] + emb_col[c]))
+            v[:, i, j] = x[:, i, j] @ jnp.einsum("m,mco->co", p, w_m)  # eq. 8
+    q = (x @ stem.query.kernel[...]).reshape(2, 8, 8, 2, 8) / np.sqrt(8.0)
+    k = (x @ stem.key.kernel[...]).reshape(2, 8, 8, 2, 8)
+    expected = _tile_attention(
+        q, k, v.reshape(2, 8, 8, 2, 8), stem.rel_row[...], stem.rel_col[...], 4
+    )
+    chex.assert_trees_all_close(stem.attend(x), expected, atol=1e-4, rtol=1e-4)
+    p = stem.mixture_weights()
+    chex.assert_shape(p, (4, 4, 3))
+    np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+
+
+def test_stem_queries_never_see_other_tiles():
+    stem = AttentionStem(3, 16, num_heads=2, values="stand_alone", rngs=nnx.Rngs(0))
+    x = _x((1, 8, 8, 3))
+    y = stem.attend(x)
+    y_changed = stem.attend(x.at[0, 4:, :].add(5.0))  # change only the bottom tiles
+    np.testing.assert_allclose(y[0, :4], y_changed[0, :4], atol=1e-6)
+    assert not np.allclose(y[0, 4:], y_changed[0, 4:], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "values, extra",
+    [
+        ("stand_alone", 3 * 64),
+        ("spatial_conv_values", 4 * 4 * 3 * 64),
+        ("spatially_aware", 4 * 3 * 64 + 4 * 64 * 2 + 4 * 64),  # W_V^m, emb_row/col, nu
+    ],
+)
+def test_stem_parameter_counts(values, extra):
+    stem = AttentionStem(values=values, rngs=nnx.Rngs(0))
+    shared = 2 * 3 * 64 + 2 * 7 * 8 + 2 * 64  # W_Q, W_K, rel tables, BN scale and bias
+    assert _params(stem) == shared + extra
+
+
+def test_stem_bad_arguments():
+    with pytest.raises(ValueError, match="values"):
+        AttentionStem(values="conv", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible by block"):
+        AttentionStem(rngs=nnx.Rngs(0))(jnp.zeros((1, 10, 8, 3)))
