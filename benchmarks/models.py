@@ -1,0 +1,114 @@
+"""Training-step time and memory: conv ResNets against attention ResNets at 224x224.
+
+One step is the forward and backward pass of softmax cross-entropy in train mode (batch-norm
+statistics updated), fp32, jitted; no optimizer update. Reported per model: median step time,
+compiled temp memory (``memory_analysis()``), and ratios to the first model (the baseline).
+
+    python benchmarks/models.py                              # R50 baseline vs full attention
+    python benchmarks/models.py --batch 2 --models 50:baseline 50:full_attention 26:full_attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from sasa_jax.models import ModelSpec, build_model
+
+
+def step_fn(graphdef):
+    """A jitted fwd+bwd over split state: ``(state, images, labels) -> (loss, grads, state)``."""
+
+    def step(state, images, labels):
+        model = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            logits = model(images)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        return loss, grads, nnx.state(model)
+
+    return jax.jit(step)
+
+
+def measure(
+    depth: int, variant: str, batch: int, size: int, implementation: str, repeats: int
+) -> dict:
+    spec = ModelSpec(depth=depth, variant=variant, implementation=implementation)
+    model = build_model(spec, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+    labels = jax.random.randint(jax.random.key(2), (batch,), 0, 1000)
+    step = step_fn(graphdef)
+    compiled = step.lower(state, images, labels).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(state, images, labels))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss, _, _ = jax.block_until_ready(compiled(state, images, labels))
+        times.append(time.perf_counter() - start)
+    if not np.isfinite(float(loss)):
+        raise RuntimeError(f"non-finite loss for ResNet-{depth} {variant}")
+    return {
+        "model": f"{depth}:{variant}",
+        "step_seconds": float(np.median(times)),
+        "temp_bytes": int(temp),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["50:baseline", "50:full_attention"],
+        help="DEPTH:VARIANT; the first is the baseline of the ratios",
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--implementation", default="gather")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        depth, variant = name.split(":")
+        row = measure(
+            int(depth), variant, args.batch, args.image_size, args.implementation, args.repeats
+        )
+        row["time_ratio"] = row["step_seconds"] / (rows[0] if rows else row)["step_seconds"]
+        row["temp_ratio"] = row["temp_bytes"] / (rows[0] if rows else row)["temp_bytes"]
+        rows.append(row)
+        print(
+            f"ResNet-{depth} {variant:>20}: {row['step_seconds']:7.2f} s/step "
+            f"({row['time_ratio']:4.1f}x), temp {row['temp_bytes'] / 2**30:6.2f} GiB "
+            f"({row['temp_ratio']:4.1f}x), peak RSS so far "
+            f"{row['peak_rss_bytes'] / 2**30:5.2f} GiB",
+            flush=True,
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "backend": jax.default_backend(),
+                    "batch": args.batch,
+                    "image_size": args.image_size,
+                    "implementation": args.implementation,
+                    "rows": rows,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

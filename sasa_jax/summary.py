@@ -1,0 +1,252 @@
+r"""Parameters and FLOPs of a config's model: ``python -m sasa_jax.summary --config=...``.
+
+FLOPs are for one image at the config's size, 2 FLOPs per multiply-add (the paper's rule), in
+two conventions that differ only in attention layers:
+
+* ``flops`` -- the paper's convention, eq. 3 and eq. 8 as written, which reproduces its tables:
+  * Counted: every convolution and dense layer (2 * output pixels * kernel taps * in * out); in
+    attention layers the Q/K/V projections, the q.k logits (k*k taps per query), the relative
+    logits as a full-width dot product q.r_{a-i,b-j} per window tap (k*k*dim per query and
+    head, like q.k), and the weighted sum of the values (k*k taps per query).
+  * The attention stem: 4x4 windows at full resolution (224x224); spatially-aware values as M
+    separate value projections plus their p-weighted mix (M*out per pixel); the spatial-conv
+    values as their 4x4 convolution.
+* ``flops_computed`` -- what this code executes: the relative term is factorised, so per query
+  and head it costs (len(rel_row) + len(rel_col)) * dim/2 multiply-adds ((kh + kw) * dim/2 for
+  borders mask/zeros, (2kh-1 + 2kw-1) * dim/2 for clamp) instead of kh*kw*dim; and the stem
+  mixes the M value matrices first (2*16*M*in*out FLOPs), so its values cost one projection.
+
+Both conventions:
+  * count window taps outside the image like the others (the compiled op runs them);
+  * count a strided attention layer at its input resolution (it attends, then average-pools);
+  * do not count batch norm, activations, softmax, pooling, residual additions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import jax
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.models import Bottleneck, ConvStem, ModelSpec, ResNet, build_model
+
+Counter = Callable[..., tuple[int, int, int]]
+CONVENTIONS = ("paper", "computed")
+
+
+def _out_size(size: int, kernel: int, stride: int, padding) -> int:
+    if padding == "SAME":
+        return math.ceil(size / stride)
+    if padding == "VALID":
+        return (size - kernel) // stride + 1
+    low, high = padding
+    return (size + low + high - kernel) // stride + 1
+
+
+def conv_flops(conv: nnx.Conv, h: int, w: int, convention: str = "paper") -> tuple[int, int, int]:
+    """(FLOPs, out height, out width) of an ``nnx.Conv`` on an ``h x w`` input."""
+    kh, kw, cin, cout = conv.kernel.shape
+    strides = conv.strides if isinstance(conv.strides, tuple | list) else (conv.strides,) * 2
+    padding = conv.padding
+    pads = [padding, padding] if isinstance(padding, str) else list(padding)
+    oh = _out_size(h, kh, strides[0], pads[0])
+    ow = _out_size(w, kw, strides[1], pads[1])
+    return 2 * oh * ow * kh * kw * cin * cout // conv.feature_group_count, oh, ow
+
+
+def _relative_flops(pixels: int, taps: int, lengths: int, out: int, convention: str) -> int:
+    if convention == "paper":
+        return 2 * pixels * taps * out  # a full-width q.r per tap
+    return 2 * pixels * lengths * out // 2  # q halves times every table row
+
+
+def attention_flops(
+    layer: SelfAttention2D, h: int, w: int, convention: str = "paper"
+) -> tuple[int, int, int]:
+    """(FLOPs, out height, out width) of a SASA layer; see the module docstring."""
+    pixels, out = h * w, layer.out_features
+    kh, kw = layer.window
+    projections = 2 if layer.key is None else 3
+    flops = 2 * pixels * layer.in_features * out * projections
+    taps = kh * kw
+    flops += 2 * pixels * taps * out * (1 if layer.key is None else 2)  # [q.k] and sum of v
+    if layer.rel_row is not None:
+        lengths = layer.rel_row.shape[0] + layer.rel_col.shape[0]
+        flops += _relative_flops(pixels, taps, lengths, out, convention)
+    s = layer.strides
+    return flops, math.ceil(h / s), math.ceil(w / s)
+
+
+def stem_attention_flops(
+    stem: AttentionStem, h: int, w: int, convention: str = "paper"
+) -> tuple[int, int, int]:
+    """(FLOPs, out height, out width) of the attention stem; see the module docstring."""
+    pixels, cin, out, s = h * w, stem.in_features, stem.out_features, stem.block
+    flops = 2 * 2 * pixels * cin * out  # W_Q, W_K
+    if stem.value_conv is not None:
+        flops += conv_flops(stem.value_conv, h, w)[0]
+    elif stem.value_mixture is None:
+        flops += 2 * pixels * cin * out
+    else:
+        mixtures = stem.value_mixture.shape[0]
+        if convention == "paper":  # M projections, then their p-weighted sum
+            flops += 2 * pixels * mixtures * cin * out + 2 * pixels * mixtures * out
+        else:  # mix the M matrices per block position, then one projection
+            flops += 2 * s * s * mixtures * cin * out + 2 * pixels * cin * out
+    flops += 2 * 2 * pixels * s * s * out  # logits and weighted values over the s*s block
+    lengths = stem.rel_row.shape[0] + stem.rel_col.shape[0]
+    flops += _relative_flops(pixels, s * s, lengths, out, convention)
+    return flops, h // s, w // s
+
+
+def _conv_stem_flops(stem: ConvStem, h: int, w: int, convention: str):
+    flops, h, w = conv_flops(stem.conv, h, w)
+    return flops, _out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1))
+
+
+def module_flops(
+    module: nnx.Module, h: int, w: int, convention: str = "paper"
+) -> tuple[int, int, int]:
+    """(FLOPs, out height, out width) of any module a ResNet is built from.
+
+    ``convention`` is "paper" or "computed" (see the module docstring)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    for kind, counter in _COUNTERS:
+        if isinstance(module, kind):
+            return counter(module, h, w, convention)
+    raise TypeError(f"no FLOP counter for {type(module).__name__}")
+
+
+def _bottleneck_flops(block: Bottleneck, h: int, w: int, convention: str):
+    f1, _, _ = conv_flops(block.conv1, h, w)
+    f2, oh, ow = module_flops(block.spatial, h, w, convention)
+    f3, _, _ = conv_flops(block.conv3, oh, ow)
+    f4 = conv_flops(block.shortcut, h, w)[0] if block.shortcut is not None else 0
+    return f1 + f2 + f3 + f4, oh, ow
+
+
+_COUNTERS: list[tuple[type, Counter]] = [
+    (nnx.Conv, conv_flops),
+    (SelfAttention2D, attention_flops),
+    (AttentionStem, stem_attention_flops),
+    (ConvStem, _conv_stem_flops),
+    (Bottleneck, _bottleneck_flops),
+]
+
+
+def _params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _flops_by_part(model: ResNet, image_size: int, convention: str) -> dict[str, int]:
+    h = w = image_size
+    parts = {}
+    parts["stem"], h, w = module_flops(model.stem, h, w, convention)
+    for index, stage in enumerate(model.stages):
+        total = 0
+        for block in stage:
+            flops, h, w = module_flops(block, h, w, convention)
+            total += flops
+        parts[f"stage{index + 1}"] = total
+    parts["head"] = 2 * model.head.in_features * model.head.out_features
+    return parts
+
+
+def _output_shapes(model: ResNet, image_size: int) -> dict[str, list[int]]:
+    h = w = image_size
+    shapes = {}
+    _, h, w = module_flops(model.stem, h, w)
+    shapes["stem"] = [h, w, model.stem.out_features]
+    for index, stage in enumerate(model.stages):
+        for block in stage:
+            _, h, w = module_flops(block, h, w)
+        shapes[f"stage{index + 1}"] = [h, w, stage[-1].conv3.out_features]
+    shapes["head"] = [model.head.out_features]
+    return shapes
+
+
+def summarize(model: ResNet, image_size: int) -> dict:
+    """Params and FLOPs (both conventions) of one square image, with a per-part breakdown."""
+    paper = _flops_by_part(model, image_size, "paper")
+    computed = _flops_by_part(model, image_size, "computed")
+    shapes = _output_shapes(model, image_size)
+    modules = {"stem": model.stem, "head": model.head}
+    modules.update({f"stage{i + 1}": stage for i, stage in enumerate(model.stages)})
+    stages = {
+        name: {
+            "params": _params(modules[name]),
+            "flops": paper[name],
+            "flops_computed": computed[name],
+            "output": shapes[name],
+        }
+        for name in paper
+    }
+    return {
+        "params": _params(model),
+        "flops": sum(paper.values()),
+        "flops_computed": sum(computed.values()),
+        "image_size": image_size,
+        "stages": stages,
+    }
+
+
+def summarize_config(config) -> dict:
+    """``summarize`` for a config, building the model abstractly (no memory, no compile)."""
+    spec = ModelSpec.from_config(config.model)
+    spec.validate()
+    model = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
+    result = summarize(model, config.image_size)
+    result["model"] = {
+        "depth": spec.depth,
+        "stem": spec.resolved_stem(),
+        "attention_stages": list(spec.resolved_attention_stages()),
+        "window": spec.window,
+        "positional": spec.positional,
+        "logits": spec.logits,
+        "stem_values": spec.stem_values,
+        "width_multiplier": spec.width_multiplier,
+    }
+    return result
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"{'part':<8} {'params':>14} {'GFLOPs':>9} {'computed':>9}  output"]
+    for name, stage in result["stages"].items():
+        shape = "x".join(str(d) for d in stage["output"])
+        lines.append(
+            f"{name:<8} {stage['params']:>14,} {stage['flops'] / 1e9:>9.3f} "
+            f"{stage['flops_computed'] / 1e9:>9.3f}  {shape}"
+        )
+    lines.append(
+        f"{'total':<8} {result['params']:>14,} {result['flops'] / 1e9:>9.3f} "
+        f"{result['flops_computed'] / 1e9:>9.3f}  (at {result['image_size']}x"
+        f"{result['image_size']}; GFLOPs in the paper's convention, then as computed)"
+    )
+    return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file[:argument].", lock_config=True
+)
+_JSON = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
+
+
+def main(argv) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/imagenet.py:depth=50")
+    result = summarize_config(_CONFIG.value)
+    print(format_summary(result))
+    if _JSON.value:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,151 @@
+"""Attention ResNets: shapes, parameter counts, and what the config passes through."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.models import STAGE_SIZES, ConvStem, ModelSpec, build_model
+
+
+def _params(module) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _abstract(**spec):
+    return nnx.eval_shape(lambda: build_model(ModelSpec(**spec), rngs=nnx.Rngs(0)))
+
+
+TINY = dict(depth=26, width_multiplier=0.25, num_classes=10, window=3)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
+@pytest.mark.parametrize("train", [True, False])
+def test_tiny_variant_shapes(variant, train):
+    model = build_model(ModelSpec(variant=variant, **TINY), rngs=nnx.Rngs(0))
+    model.train() if train else model.eval()
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    chex.assert_shape(model(x), (2, 10))
+    assert model(x).dtype == jnp.float32
+    features = model.features(x)
+    chex.assert_shape(
+        [features[k] for k in ("c2", "c3", "c4", "c5")],
+        [(2, 8, 8, 64), (2, 4, 4, 128), (2, 2, 2, 256), (2, 1, 1, 512)],
+    )
+
+
+def test_batch_statistics_update_only_in_train_mode():
+    model = build_model(ModelSpec(variant="full_attention", **TINY), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)) + 3.0
+    before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+    model.eval()
+    model(x)
+    chex.assert_trees_all_equal(before, nnx.state(model, nnx.BatchStat))
+    model.train()
+    model(x)
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_equal(before, nnx.state(model, nnx.BatchStat))
+
+
+def test_baseline_resnet50_has_the_standard_parameter_count():
+    # torchvision's resnet50 (the standard v1.5 model) has 25,557,032 parameters.
+    assert _params(_abstract(depth=50, variant="baseline")) == 25_557_032
+
+
+@pytest.mark.parametrize("depth", [26, 38, 50, 101])
+def test_attention_parameter_arithmetic(depth):
+    """Each 3x3 conv of width w (9w^2) becomes Q/K/V (3w^2) plus two 7-row tables of w/16."""
+    saved = 0
+    for blocks, width in zip(STAGE_SIZES[depth], (64, 128, 256, 512), strict=True):
+        saved += blocks * (9 * width**2 - 3 * width**2 - 2 * 7 * (width // 8 // 2))
+    baseline = _params(_abstract(depth=depth, variant="baseline"))
+    attention = _params(_abstract(depth=depth, variant="conv_stem_attention"))
+    assert baseline - attention == saved
+
+
+def test_full_attention_swaps_only_the_stem():
+    conv_stem = _abstract(depth=26, variant="conv_stem_attention")
+    full = _abstract(depth=26, variant="full_attention")
+    assert isinstance(conv_stem.stem, ConvStem) and isinstance(full.stem, AttentionStem)
+    conv_stem_params = 7 * 7 * 3 * 64 + 2 * 64  # conv + BN
+    assert _params(conv_stem) - conv_stem_params == _params(full) - _params(full.stem)
+
+
+def test_per_stage_choice_and_pass_through():
+    model = _abstract(
+        depth=26,
+        attention_stages="34",
+        window=5,
+        positional="absolute",
+        border="zeros",
+        logits="qk+qr",
+        num_heads=4,
+    )
+    kinds = [type(stage[0].spatial).__name__ for stage in model.stages]
+    assert kinds == ["Conv", "Conv", "SelfAttention2D", "SelfAttention2D"]
+    layer = model.stages[2][0].spatial
+    assert isinstance(layer, SelfAttention2D)
+    assert (layer.window, layer.positional, layer.border, layer.num_heads, layer.strides) == (
+        (5, 5),
+        "absolute",
+        "zeros",
+        4,
+        2,
+    )
+    assert model.stages[2][1].spatial.strides == 1
+
+
+def test_qr_logits_and_width_multiplier_pass_through():
+    model = _abstract(depth=26, variant="conv_stem_attention", logits="qr", width_multiplier=0.5)
+    layer = model.stages[0][0].spatial
+    assert layer.key is None and layer.in_features == 32
+
+
+def test_norm_options_and_zero_init():
+    model = build_model(
+        ModelSpec(bn_momentum=0.99, bn_epsilon=1e-3, zero_init_residual=True, **TINY),
+        rngs=nnx.Rngs(0),
+    )
+    block = model.stages[0][0]
+    assert (block.norm1.momentum, block.norm1.epsilon) == (0.99, 1e-3)
+    np.testing.assert_array_equal(block.norm3.scale[...], 0.0)
+    np.testing.assert_array_equal(block.norm1.scale[...], 1.0)
+    plain = build_model(ModelSpec(zero_init_residual=False, **TINY), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(plain.stages[0][0].norm3.scale[...], 1.0)
+
+
+def test_bfloat16_compute_dtype():
+    model = build_model(
+        ModelSpec(variant="full_attention", **TINY), rngs=nnx.Rngs(0), dtype=jnp.bfloat16
+    )
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    assert model.features(x)["c5"].dtype == jnp.bfloat16
+    assert model(x).dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (dict(depth=42), "depth"),
+        (dict(variant="resnet"), "variant"),
+        (dict(attention_stages="15"), "attention_stages"),
+        (dict(stem="patchify"), "stem"),
+        (dict(stem_values="conv"), "stem_values"),
+        (dict(variant="full_attention", width_multiplier=0.125), "heads of even size"),
+        (dict(width_multiplier=0.3), "width_multiplier"),
+    ],
+)
+def test_bad_specs_raise_value_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(ModelSpec(**spec), rngs=nnx.Rngs(0))
+
+
+def test_unknown_model_config_field():
+    with pytest.raises(ValueError, match="unknown model config"):
+        ModelSpec.from_config({"depth": 50, "windw": 7})

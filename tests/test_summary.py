@@ -1,0 +1,129 @@
+"""The params/FLOPs summary against hand-computed values and the paper's Table 1."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from sasa_jax import config_lib
+from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.summary import module_flops, summarize_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imagenet_config(arg):
+    spec = importlib.util.spec_from_file_location("imagenet_cfg", ROOT / "configs/imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("strides, out", [(1, 10), (2, 5)])
+def test_single_conv_flops(strides, out):
+    conv = nnx.Conv(16, 32, (3, 3), strides=strides, use_bias=False, rngs=nnx.Rngs(0))
+    assert module_flops(conv, 10, 10) == (2 * out * out * 9 * 16 * 32, out, out)
+
+
+def test_single_attention_layer_flops():
+    layer = SelfAttention2D(16, 32, window=7, num_heads=8, strides=2, rngs=nnx.Rngs(0))
+    pixels = 10 * 10  # attends at the input resolution, then pools to 5x5
+    projections = 2 * pixels * 3 * 16 * 32
+    qk_and_av = 2 * pixels * 49 * 32 * 2
+    # paper: a full-width q.r per tap; computed: q halves times 7 row + 7 column entries
+    assert module_flops(layer, 10, 10) == (projections + qk_and_av + 2 * pixels * 49 * 32, 5, 5)
+    assert module_flops(layer, 10, 10, "computed") == (
+        projections + qk_and_av + 2 * pixels * 14 * 16,
+        5,
+        5,
+    )
+
+
+def test_qr_layer_flops_drop_key_projection_and_qk():
+    layer = SelfAttention2D(16, 32, window=3, num_heads=8, logits="qr", rngs=nnx.Rngs(0))
+    pixels = 36
+    expected = 2 * pixels * 2 * 16 * 32 + 2 * pixels * 9 * 32 + 2 * pixels * 9 * 32
+    assert module_flops(layer, 6, 6)[0] == expected
+
+
+def test_attention_stem_flops():
+    stem = AttentionStem(3, 64, num_mixtures=4, rngs=nnx.Rngs(0))
+    pixels = 224 * 224
+    qk_proj = 2 * 2 * pixels * 3 * 64
+    attention = 2 * 2 * pixels * 16 * 64
+    paper = (
+        qk_proj + 2 * pixels * 4 * 3 * 64 + 2 * pixels * 4 * 64 + attention + 2 * pixels * 16 * 64
+    )
+    computed = (
+        qk_proj + 2 * 16 * 4 * 3 * 64 + 2 * pixels * 3 * 64 + attention + 2 * pixels * 14 * 32
+    )
+    assert module_flops(stem, 224, 224) == (paper, 56, 56)
+    assert module_flops(stem, 224, 224, "computed") == (computed, 56, 56)
+
+
+TABLE_1 = {  # (depth, variant): (GFLOPs, params in millions)
+    (26, "baseline"): (4.7, 13.7),
+    (26, "conv_stem_attention"): (4.5, 10.3),
+    (26, "full_attention"): (4.7, 10.3),
+    (38, "baseline"): (6.5, 19.6),
+    (38, "conv_stem_attention"): (5.7, 14.1),
+    (38, "full_attention"): (6.0, 14.1),
+    (50, "baseline"): (8.2, 25.6),
+    (50, "conv_stem_attention"): (7.0, 18.0),
+    (50, "full_attention"): (7.2, 18.0),
+}
+PRINTED_AS = {38: 14.17}  # the paper prints ResNet-38 attention's 14.17M as 14.1
+
+
+@pytest.mark.parametrize("row", list(TABLE_1), ids=lambda r: f"{r[0]}-{r[1]}")
+def test_table_1(row):
+    depth, variant = row
+    paper_gflops, paper_params = TABLE_1[row]
+    if variant != "baseline":
+        paper_params = PRINTED_AS.get(depth, paper_params)
+    result = summarize_config(_imagenet_config(f"depth={depth},variant={variant}"))
+    assert abs(result["params"] / 1e6 - paper_params) <= 0.1
+    assert abs(result["flops"] / 1e9 - paper_gflops) / paper_gflops <= 0.06
+
+
+def test_summary_command_json():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sasa_jax.summary",
+            "--config=configs/imagenet.py:depth=26,variant=full_attention",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert isinstance(result["params"], int) and isinstance(result["flops"], int)
+    assert set(result["stages"]) == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
+    assert sum(s["params"] for s in result["stages"].values()) == result["params"]
+    assert sum(s["flops"] for s in result["stages"].values()) == result["flops"]
+    assert "stage4" in proc.stdout
+
+
+def test_config_argument_and_overrides():
+    config = _imagenet_config("depth=38,variant=full_attention,window=9,stages=34,width=0.5")
+    assert (config.model.depth, config.model.variant, config.model.window) == (
+        38,
+        "full_attention",
+        9,
+    )
+    assert config.model.attention_stages == "34" and config.model.width_multiplier == 0.5
+    assert config.batch_size == 4096 and config.ema_decay == 0.9999
+    with pytest.raises(ValueError, match="unknown config argument"):
+        _imagenet_config("depht=50")
+    with pytest.raises(ValueError, match="key=value"):
+        config_lib.parse_arg("depth")
