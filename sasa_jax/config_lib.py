@@ -18,7 +18,19 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dataclasses.asdict(ModelSpec()))
     config.dataset = "imagenet2012"
+    config.data_dir = ""  # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.image_folder = ""  # for dataset "image_folder"
+    config.eval_split = ""  # "" = the dataset's own (validation/test), or "minival"
+    config.minival_percent = 4  # minival = the first 4% of train, as in the paper
     config.image_size = 224
+    config.crop_area_min = 0.08  # Inception crop: area fraction in [crop_area_min, 1]
+    config.crop_ratio_min = 3 / 4
+    config.crop_ratio_max = 4 / 3
+    config.random_flip = True
+    config.eval_crop_fraction = 0.875
+    config.num_workers = 0  # Grain worker processes (0: decode in threads of this process)
+    config.num_threads = 2  # decoding threads per process (or per worker)
+    config.prefetch_batches = 2  # batches in flight onto the devices
     config.batch_size = 256
     config.eval_batch_size = 256
     config.num_epochs = 130

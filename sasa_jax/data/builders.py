@@ -1,0 +1,177 @@
+"""TFDS builders that prepare offline, without TensorFlow, in array_record format.
+
+* ``SasaDigits``: scikit-learn's handwritten digits (shipped inside scikit-learn), upsampled
+  from 8x8 to 32x32 RGB; a fixed split: every fifth image (index % 5 == 0) is test
+  (1,437 train, 360 test).
+* ``SasaImageFolder``: your own images, ``DIR/<class>/*`` or
+  ``DIR/{train,test|validation}/<class>/*``. Classes are the sorted folder names. Without split
+  folders, a file goes to test when the MD5 of its relative path falls in the lowest
+  ``test_percent`` (default 10%) -- deterministic and stable when files are added. PNG and JPEG
+  (and anything else Pillow reads) are stored as PNG. An unreadable or corrupt file stops the
+  build with a ValueError naming the file: fix or remove it, then build again.
+
+Both are built on first use into the TFDS data dir (``TFDS_DATA_DIR`` or ``~/tensorflow_datasets``
+unless a data_dir is given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, UnidentifiedImageError
+
+DIGITS_SIZE = 32
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_FOLDERS = {"train": "train", "test": "test", "validation": "test"}
+
+
+class SasaDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's 8x8 handwritten digits as 32x32 RGB images, 10 classes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="scikit-learn's handwritten digits (UCI), upsampled to 32x32 RGB.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(DIGITS_SIZE, DIGITS_SIZE, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing is downloaded: the data ship inside scikit-learn
+        return {
+            "train": self._generate_examples(test=False),
+            "test": self._generate_examples(test=True),
+        }
+
+    def _generate_examples(self, test: bool):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+            if (index % 5 == 0) != test:
+                continue
+            gray = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
+            image = Image.fromarray(gray).resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR)
+            yield index, {"image": image.convert("RGB"), "label": int(label)}
+
+
+def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _classes(folder: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def folder_layout(folder: str | os.PathLike, test_percent: int = 10):
+    """``(classes, {"train": [(path, class)], "test": [...]})`` for an image folder.
+
+    Raises FileNotFoundError for a missing folder and ValueError for one without classes.
+    """
+    root = pathlib.Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"image folder {root} does not exist; expected "
+            "DIR/<class>/*.jpg or DIR/{train,test}/<class>/*.jpg"
+        )
+    top = _classes(root)
+    split_dirs = {name: root / name for name in top if name in SPLIT_FOLDERS}
+    files: dict[str, list[tuple[pathlib.Path, str]]] = {"train": [], "test": []}
+    if "train" in split_dirs and len(split_dirs) > 1:
+        classes = _classes(split_dirs["train"])
+        for name, path in split_dirs.items():
+            for label in _classes(path):
+                if label not in classes:
+                    raise ValueError(f"class {label!r} in {path} is not in {root / 'train'}")
+                files[SPLIT_FOLDERS[name]] += [(f, label) for f in _image_files(path / label)]
+    else:
+        classes = top
+        for label in classes:
+            for f in _image_files(root / label):
+                digest = hashlib.md5(str(f.relative_to(root)).encode()).digest()
+                split = (
+                    "test" if int.from_bytes(digest[:4], "big") % 100 < test_percent else "train"
+                )
+                files[split].append((f, label))
+    if not classes or not files["train"]:
+        raise ValueError(
+            f"no images found in class folders under {root}; expected "
+            "DIR/<class>/*.jpg or DIR/{train,test}/<class>/*.jpg"
+        )
+    return classes, files
+
+
+def folder_fingerprint(files: dict[str, list[tuple[pathlib.Path, str]]]) -> str:
+    """Hash of every file's path, size and mtime: a changed folder gets a fresh build."""
+    digest = hashlib.sha1()
+    for split in sorted(files):
+        for path, label in files[split]:
+            stat = path.stat()
+            digest.update(f"{split}|{label}|{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _load_rgb(path: pathlib.Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(
+            f"cannot read image {path}: {error}. Fix or remove the file, then run again."
+        ) from error
+
+
+class SasaImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Images in class folders. Construct with ``folder=``; see the module docstring."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def __init__(self, *, folder: str | os.PathLike, test_percent: int = 10, **kwargs):
+        self._folder = pathlib.Path(folder).expanduser().resolve()
+        self._classes, self._files = folder_layout(self._folder, test_percent)
+        name = "".join(c if c.isalnum() else "_" for c in self._folder.name.lower())
+        config = tfds.core.BuilderConfig(name=f"{name}_{folder_fingerprint(self._files)}")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Images from {self._folder}",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=self._classes),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            split: self._generate_examples(split)
+            for split in ("train", "test")
+            if self._files[split]
+        }
+
+    def _generate_examples(self, split: str):
+        for path, label in self._files[split]:
+            name = str(path.relative_to(self._folder))
+            yield name, {"image": _load_rgb(path), "label": label, "file_name": name}

@@ -1,0 +1,203 @@
+"""Grain pipelines: sharded, deterministic, resumable training batches and exact evaluation.
+
+* Each process reads the disjoint shard ``records[process_index::process_count]``; the global
+  batch is ``per_process_batch * process_count``.
+* Training order is a function of the seed alone: a fresh shuffle each epoch
+  (``repeat(reseed_each_epoch=True)``) and per-example augmentation randomness that Grain
+  derives from the seed and the example's position.
+* ``TrainIterator.get_state()``/``set_state()`` checkpoint the position; a restored iterator
+  yields exactly the batches the original would have yielded next.
+* Evaluation pads the last batch and marks real examples with ``mask``; every process runs the
+  same number of batches, so each example counts exactly once across processes.
+* ``prefetch_to_mesh`` keeps a few batches in flight onto the devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from sasa_jax.data.preprocess import TrainAugment, eval_image, train_image
+
+Batch = dict[str, np.ndarray]
+
+
+def per_process_batch(global_batch: int, process_count: int, name: str = "batch_size") -> int:
+    """The batch each process loads; raises ValueError if it does not divide evenly."""
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(
+            f"{name} ({global_batch}) must be a positive multiple of the number of "
+            f"processes ({process_count})"
+        )
+    return global_batch // process_count
+
+
+def shard(records: Sequence, process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's disjoint shard of ``records`` (together the shards are complete)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return grain.MapDataset.source(records)[process_index::process_count]
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainExample:
+    augment: TrainAugment
+
+    def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Batch:
+        return {
+            "image": train_image(record["image"], rng, self.augment),
+            "label": np.int32(record["label"]),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample:
+    size: int
+    crop_fraction: float
+
+    def __call__(self, record: dict[str, Any]) -> Batch:
+        return {
+            "image": eval_image(record["image"], self.size, self.crop_fraction),
+            "label": np.int32(record["label"]),
+            "mask": np.bool_(True),
+        }
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int) -> grain.IterDataset:
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 2))
+    )
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def train_dataset(
+    records: Sequence,
+    *,
+    batch_size: int,
+    augment: TrainAugment,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_threads: int = 2,
+) -> grain.IterDataset:
+    """Endless training batches ``{"image": uint8 [b, s, s, 3], "label": int32 [b]}``.
+
+    ``batch_size`` is the per-process batch. ``num_workers > 0`` decodes in that many worker
+    processes (the caller must run under ``if __name__ == "__main__"`` with absl flags
+    parsed); ``num_threads`` decodes in threads of this process (Pillow releases the GIL).
+    """
+    ds = shard(records, process_index, process_count)
+    ds = ds.shuffle(seed=seed).repeat(None, reseed_each_epoch=True)
+    ds = ds.random_map(_TrainExample(augment), seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return _to_iter(ds, num_workers, num_threads)
+
+
+def eval_steps(num_examples: int, batch_size: int, process_count: int) -> int:
+    """Eval batches every process runs: enough for the largest shard."""
+    return math.ceil(math.ceil(num_examples / process_count) / batch_size)
+
+
+def eval_batches(
+    records: Sequence,
+    *,
+    batch_size: int,
+    image_size: int,
+    crop_fraction: float = 0.875,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_threads: int = 2,
+) -> Iterator[Batch]:
+    """Padded eval batches ``{"image", "label", "mask"}`` (``batch_size`` per process).
+
+    Padding rows have ``mask == False``. Every process yields ``eval_steps(...)`` batches.
+    """
+    ds = shard(records, process_index, process_count)
+    ds = ds.map(_EvalExample(image_size, crop_fraction))
+    ds = ds.batch(
+        batch_size,
+        batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size),
+    )
+    steps = eval_steps(len(records), batch_size, process_count)
+    count = 0
+    for batch in _to_iter(ds, num_workers, num_threads):
+        count += 1
+        yield batch
+    if count < steps:
+        empty = {
+            "image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+            "label": np.zeros((batch_size,), np.int32),
+            "mask": np.zeros((batch_size,), bool),
+        }
+        for _ in range(steps - count):
+            yield empty
+
+
+class TrainIterator:
+    """Iterates a training ``IterDataset`` and remembers the position of the last batch
+    handed out, even when batches are prefetched ahead (``prefetch_to_mesh``)."""
+
+    def __init__(self, dataset: grain.IterDataset, state: dict | None = None):
+        self._iterator = iter(dataset)
+        if state is not None:
+            self._iterator.set_state(state)
+        self._state = self._iterator.get_state()
+
+    def next_with_state(self) -> tuple[Batch, dict]:
+        """The next batch and the iterator state right after it."""
+        batch = next(self._iterator)
+        return batch, self._iterator.get_state()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch, self._state = self.next_with_state()
+        return batch
+
+    def get_state(self) -> dict:
+        return self._state
+
+
+def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This process's part of a batch -> global arrays sharded along the batch axis."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+class prefetch_to_mesh:  # noqa: N801 - used like a function
+    """Keeps ``size`` batches in flight onto ``sharding``'s devices.
+
+    ``get_state()`` is the position after the last batch *yielded*, not the last one loaded,
+    so a checkpoint taken between steps resumes exactly.
+    """
+
+    def __init__(self, iterator: TrainIterator, sharding: jax.sharding.Sharding, size: int = 2):
+        self._iterator, self._sharding = iterator, sharding
+        self._queue: collections.deque = collections.deque()
+        self._state = iterator.get_state()
+        self._size = max(size, 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        while len(self._queue) < self._size:
+            batch, state = self._iterator.next_with_state()
+            self._queue.append((to_global(batch, self._sharding), state))
+        batch, self._state = self._queue.popleft()
+        return batch
+
+    def get_state(self) -> dict:
+        return self._state

@@ -1,0 +1,329 @@
+"""Input pipelines: builders, preprocessing, sharding, exact eval and resumable iterators."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sasa_jax import data
+from sasa_jax.data.preprocess import centre_crop, sample_crop
+
+
+def _encoded(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=fmt)
+    return out.getvalue()
+
+
+def _records(n: int, size: int = 8) -> list[dict]:
+    """Records whose image is a flat gray PNG of value ``index % 256``; label = index."""
+    return [
+        {"image": _encoded(np.full((size, size, 3), i % 256, np.uint8)), "label": i}
+        for i in range(n)
+    ]
+
+
+# ------------------------------------------------------------------------ preprocessing
+
+
+def test_inception_crops_respect_area_and_ratio():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        left, top, w, h = sample_crop(500, 375, rng, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
+        assert 0.08 * 0.9 <= w * h / (500 * 375) <= 1.0
+        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+
+
+def test_inception_crop_falls_back_to_a_centre_crop():
+    rng = np.random.default_rng(0)
+    # No box of ratio within [3/4, 4/3] and area >= 50% fits a 1000x10 image.
+    assert sample_crop(1000, 10, rng, (0.5, 1.0), (3 / 4, 4 / 3)) == (493, 0, 13, 10)
+    assert centre_crop(300, 200, 0.875) == (62, 12, 175, 175)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_eval_crop_is_the_centre(fmt):
+    image = np.zeros((200, 300, 3), np.uint8)
+    image[:, 150:] = 255  # right half white
+    out = data.eval_image(_encoded(image, fmt), 64, crop_fraction=0.875)
+    chex.assert_shape(out, (64, 64, 3))
+    assert out.dtype == np.uint8
+    assert out[:, :20].max() < 40 and out[:, -20:].min() > 215  # centred: half dark, half light
+
+
+def test_train_image_decodes_jpeg_at_reduced_size_faithfully():
+    """A large JPEG decoded through the DCT-domain shortcut matches a full decode."""
+    y, x = np.mgrid[0:1600, 0:1200]
+    image = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+    image = np.asarray(Image.fromarray(image).resize((300, 400))).repeat(4, 0).repeat(4, 1)
+    encoded = _encoded(image, "JPEG")
+    augment = data.TrainAugment(size=64, area_range=(0.9, 1.0), flip=False)
+    fast = data.train_image(encoded, np.random.default_rng(3), augment)
+    slow = data.train_image(
+        np.asarray(Image.open(io.BytesIO(encoded))), np.random.default_rng(3), augment
+    )
+    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 4
+
+
+def test_normalize():
+    images = np.array([[[[0, 128, 255]]]], np.uint8)
+    expected = (np.array([0, 128, 255]) / 255 - np.array(data.preprocess.IMAGENET_MEAN)) / np.array(
+        data.preprocess.IMAGENET_STD
+    )
+    np.testing.assert_allclose(data.normalize(images)[0, 0, 0], expected, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ sharding and batches
+
+
+@pytest.mark.parametrize("count", [1, 3, 4])
+def test_shards_are_disjoint_and_complete(count):
+    shards = [list(data.shard(list(range(10)), i, count)) for i in range(count)]
+    flat = sorted(x for s in shards for x in s)
+    assert flat == list(range(10))
+    assert all(abs(len(a) - len(b)) <= 1 for a in shards for b in shards)
+
+
+def test_per_process_batch_must_divide():
+    assert data.per_process_batch(256, 4) == 64
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        data.per_process_batch(100, 3)
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_eval_counts_every_example_exactly_once(processes):
+    records = _records(37)
+    seen, steps = [], set()
+    for index in range(processes):
+        batches = list(
+            data.eval_batches(
+                records,
+                batch_size=8,
+                image_size=8,
+                crop_fraction=1.0,
+                process_index=index,
+                process_count=processes,
+            )
+        )
+        steps.add(len(batches))
+        for batch in batches:
+            chex.assert_shape(
+                [batch["image"], batch["label"], batch["mask"]], [(8, 8, 8, 3), (8,), (8,)]
+            )
+            seen += batch["label"][batch["mask"]].tolist()
+            # the image really is record `label`'s image
+            np.testing.assert_array_equal(
+                batch["image"][batch["mask"]][:, 0, 0, 0], batch["label"][batch["mask"]] % 256
+            )
+    assert sorted(seen) == list(range(37))
+    assert len(steps) == 1  # every process runs the same number of eval steps
+    assert steps.pop() == data.eval_steps(37, 8, processes)
+
+
+AUGMENT = data.TrainAugment(size=8, area_range=(1.0, 1.0), ratio_range=(1.0, 1.0), flip=False)
+
+
+def _labels(iterator, batches):
+    return [next(iterator)["label"].tolist() for _ in range(batches)]
+
+
+def test_training_epochs_cover_each_shard_and_reshuffle():
+    records = _records(24)
+    epochs = {}
+    for index in range(2):
+        it = data.TrainIterator(
+            data.train_dataset(
+                records, batch_size=4, augment=AUGMENT, seed=7, process_index=index, process_count=2
+            )
+        )
+        labels = sum(_labels(it, 6), [])  # two epochs of a 12-example shard
+        epochs[index] = (labels[:12], labels[12:])
+        assert sorted(labels[:12]) == sorted(labels[12:])
+        assert labels[:12] != labels[12:]  # a fresh order each epoch
+    assert set(epochs[0][0]).isdisjoint(epochs[1][0])
+    assert sorted(epochs[0][0] + epochs[1][0]) == list(range(24))
+
+
+def test_training_order_is_a_function_of_the_seed():
+    records = _records(30)
+    make = lambda seed: data.TrainIterator(  # noqa: E731
+        data.train_dataset(records, batch_size=5, augment=AUGMENT, seed=seed)
+    )
+    assert _labels(make(1), 8) == _labels(make(1), 8)
+    assert _labels(make(1), 8) != _labels(make(2), 8)
+
+
+def test_restored_iterator_continues_with_identical_batches():
+    records = _records(20, size=16)
+    augment = data.TrainAugment(size=8, area_range=(0.3, 1.0))  # random crops and flips
+    dataset = data.train_dataset(records, batch_size=6, augment=augment, seed=3)
+    original = data.TrainIterator(dataset)
+    for _ in range(3):
+        next(original)
+    state = original.get_state()
+    expected = [next(original) for _ in range(5)]  # crosses an epoch boundary
+    restored = data.TrainIterator(dataset, state=state)
+    for batch in expected:
+        chex.assert_trees_all_equal(next(restored), batch)
+
+
+def test_prefetch_to_mesh_reports_the_consumed_position():
+    records = _records(20)
+    dataset = data.train_dataset(records, batch_size=4, augment=AUGMENT, seed=0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    prefetched = data.prefetch_to_mesh(data.TrainIterator(dataset), sharding, size=3)
+    first = next(prefetched)
+    assert isinstance(first["image"], jax.Array)
+    resumed = data.TrainIterator(dataset, state=prefetched.get_state())
+    np.testing.assert_array_equal(next(prefetched)["label"], next(resumed)["label"])
+
+
+# ------------------------------------------------------------------------- the datasets
+
+
+def test_digits_builds_offline_into_tfds_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    splits = data.load_dataset("digits")
+    assert (tmp_path / "sasa_digits").is_dir()
+    assert (len(splits.train), len(splits.eval), splits.num_classes) == (1437, 360, 10)
+    batch = next(
+        data.TrainIterator(
+            data.train_dataset(
+                splits.train, batch_size=16, augment=data.TrainAugment(size=32, flip=False), seed=0
+            )
+        )
+    )
+    chex.assert_shape(batch["image"], (16, 32, 32, 3))
+    assert batch["image"].dtype == np.uint8 and batch["image"].max() > 200
+    assert set(batch["label"].tolist()) <= set(range(10))
+    labels = [splits.eval[i]["label"] for i in range(len(splits.eval))]
+    assert sorted(set(labels)) == list(range(10))
+
+
+def _make_folder(root, layout, classes=("cat", "ant", "bee"), per_class=6):
+    rng = np.random.default_rng(0)
+    for split in layout:
+        for c, name in enumerate(classes):
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = (rng.random((12 + i, 10, 3)) * 60 + 60 * c).astype(np.uint8)
+                fmt, ext = ("JPEG", "jpg") if i % 2 else ("PNG", "png")
+                Image.fromarray(image).save(folder / f"{i}.{ext}", format=fmt)
+
+
+def test_image_folder_without_split_folders(tmp_path):
+    _make_folder(tmp_path / "images", [""], per_class=20)
+    splits = data.load_dataset(
+        "image_folder", image_folder=str(tmp_path / "images"), data_dir=str(tmp_path / "tfds")
+    )
+    assert splits.num_classes == 3
+    assert len(splits.train) + len(splits.eval) == 60 and 0 < len(splits.eval) < 20
+    again = data.load_dataset(
+        "image_folder", image_folder=str(tmp_path / "images"), data_dir=str(tmp_path / "tfds")
+    )
+    assert len(again.eval) == len(splits.eval)  # deterministic held-out split
+    labels = {r["label"] for r in (splits.train[i] for i in range(len(splits.train)))}
+    assert labels == {0, 1, 2}
+    batch = next(
+        data.TrainIterator(
+            data.train_dataset(
+                splits.train, batch_size=8, augment=data.TrainAugment(size=16), seed=0
+            )
+        )
+    )
+    chex.assert_shape(batch["image"], (8, 16, 16, 3))
+
+
+def test_image_folder_with_split_folders_sorts_classes(tmp_path):
+    _make_folder(tmp_path / "images", ["train", "validation"])
+    splits = data.load_dataset(
+        "image_folder", image_folder=str(tmp_path / "images"), data_dir=str(tmp_path / "tfds")
+    )
+    assert (len(splits.train), len(splits.eval)) == (18, 18)
+    record = splits.eval[0]
+    names = ["ant", "bee", "cat"]  # sorted
+    assert record["file_name"].decode().split(os.sep)[1] == names[record["label"]]
+    image = data.eval_image(record["image"], 16)
+    assert image.shape == (16, 16, 3)
+
+
+def test_image_folder_corrupt_file_names_the_file(tmp_path):
+    _make_folder(tmp_path / "images", [""])
+    bad = tmp_path / "images" / "bee" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        data.load_dataset(
+            "image_folder", image_folder=str(tmp_path / "images"), data_dir=str(tmp_path / "tfds")
+        )
+
+
+def test_missing_image_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_dataset(
+            "image_folder", image_folder=str(tmp_path / "nope"), data_dir=str(tmp_path)
+        )
+
+
+def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar") as error:
+        data.load_dataset("imagenet2012", data_dir=str(tmp_path))
+    assert "tfds build imagenet2012" in str(error.value)
+
+
+def test_bad_dataset_and_split():
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        data.load_dataset("cifar10")
+    with pytest.raises(ValueError, match="eval_split"):
+        data.load_dataset("digits", eval_split="validation")
+
+
+def _fake_imagenet(builder, split, decoders=None, **kwargs):
+    """Mock ImageNet records as TFDS serves them with SkipDecoding: JPEG bytes."""
+    assert decoders is not None  # the real pipeline decodes images itself
+    if isinstance(split, list | tuple):
+        return [_fake_imagenet(builder, s, decoders) for s in split]
+    rng = np.random.default_rng(len(split))
+    records = []
+    for i in range(23):
+        h, w = rng.integers(60, 200, size=2)
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        records.append(
+            {
+                "image": _encoded(image, "JPEG"),
+                "label": int(rng.integers(0, 1000)),
+                "file_name": f"n{i}.JPEG",
+            }
+        )
+    return records
+
+
+@pytest.mark.parametrize("eval_split", ["", "minival"])
+def test_mock_imagenet_through_the_real_pipeline(tmp_path, eval_split):
+    with tfds.testing.mock_data(num_examples=23, as_data_source_fn=_fake_imagenet):
+        splits = data.load_dataset("imagenet2012", data_dir=str(tmp_path), eval_split=eval_split)
+    assert splits.num_classes == 1000
+    assert splits.eval_split == ("train[:4%]" if eval_split else "validation")
+    augment = data.TrainAugment(size=64)
+    batch = next(
+        data.TrainIterator(data.train_dataset(splits.train, batch_size=8, augment=augment, seed=0))
+    )
+    chex.assert_shape([batch["image"], batch["label"]], [(8, 64, 64, 3), (8,)])
+    assert batch["image"].dtype == np.uint8 and batch["label"].dtype == np.int32
+    assert batch["image"].min() < 30 and batch["image"].max() > 225
+    assert ((batch["label"] >= 0) & (batch["label"] < 1000)).all()
+    normalized = np.asarray(data.normalize(batch["image"]))
+    assert -2.2 < normalized.min() < -1.5 and 2.0 < normalized.max() < 2.7
+    batches = list(data.eval_batches(splits.eval, batch_size=10, image_size=64))
+    assert len(batches) == math.ceil(23 / 10)
+    assert sum(int(b["mask"].sum()) for b in batches) == 23
