@@ -136,21 +136,41 @@ def _labels(iterator, batches):
     return [next(iterator)["label"].tolist() for _ in range(batches)]
 
 
-def test_training_epochs_cover_each_shard_and_reshuffle():
-    records = _records(24)
-    epochs = {}
-    for index in range(2):
+def _process_batches(records, processes, batches, batch=4, seed=7):
+    """Labels of the first ``batches`` per-process batches of each of ``processes``."""
+    out = []
+    for index in range(processes):
         it = data.TrainIterator(
             data.train_dataset(
-                records, batch_size=4, augment=AUGMENT, seed=7, process_index=index, process_count=2
+                records,
+                batch_size=batch,
+                augment=AUGMENT,
+                seed=seed,
+                process_index=index,
+                process_count=processes,
             )
         )
-        labels = sum(_labels(it, 6), [])  # two epochs of a 12-example shard
-        epochs[index] = (labels[:12], labels[12:])
-        assert sorted(labels[:12]) == sorted(labels[12:])
-        assert labels[:12] != labels[12:]  # a fresh order each epoch
-    assert set(epochs[0][0]).isdisjoint(epochs[1][0])
-    assert sorted(epochs[0][0] + epochs[1][0]) == list(range(24))
+        out.append(_labels(it, batches))
+    return out
+
+
+def test_each_epoch_splits_disjointly_over_processes_and_reshuffles():
+    records = _records(24)
+    per_process = _process_batches(records, 2, 6)  # global batch 8: two epochs of 3 steps
+    epochs = [sum((p[e * 3 : (e + 1) * 3] for p in per_process), []) for e in range(2)]
+    for epoch in epochs:
+        labels = sum(epoch, [])
+        assert sorted(labels) == list(range(24))  # disjoint and complete
+    assert sum(epochs[0], []) != sum(epochs[1], [])  # a fresh order each epoch
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_global_batch_is_independent_of_the_process_count(processes):
+    records = _records(40)
+    single = _process_batches(records, 1, 5, batch=8)[0]
+    split = _process_batches(records, processes, 5, batch=8 // processes)
+    for step in range(5):
+        assert sum((p[step] for p in split), []) == single[step]
 
 
 def test_training_order_is_a_function_of_the_seed():

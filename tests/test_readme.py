@@ -24,3 +24,9 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -q -e ".[test]"' in ci
     assert re.search(rf"^{re.escape(command.group(1))}$", ci, re.M)
+
+
+def test_main_job_command_uses_a_real_config():
+    command = re.search(r"pip install -e \. && python train\.py --config=(\S+) --workdir=", README)
+    assert command, "the README's main-job set-up command is missing"
+    assert (ROOT / command.group(1)).is_file()

@@ -1,10 +1,11 @@
 """Grain pipelines: sharded, deterministic, resumable training batches and exact evaluation.
 
-* Each process reads the disjoint shard ``records[process_index::process_count]``; the global
-  batch is ``per_process_batch * process_count``.
-* Training order is a function of the seed alone: a fresh shuffle each epoch
-  (``repeat(reseed_each_epoch=True)``) and per-example augmentation randomness that Grain
-  derives from the seed and the example's position.
+* Training: one global stream, a function of the seed alone -- a fresh shuffle of all records
+  each epoch (``repeat(reseed_each_epoch=True)``) and augmentation randomness that Grain derives
+  from the seed and the global position. Process ``p`` of ``n`` decodes only block ``p`` of
+  each global batch, so the global batch at every step is the same whatever the number of
+  processes, and within an epoch the processes read disjoint parts that together are complete.
+* Evaluation: process ``p`` reads the disjoint shard ``records[p::n]``.
 * ``TrainIterator.get_state()``/``set_state()`` checkpoint the position; a restored iterator
   yields exactly the batches the original would have yielded next.
 * Evaluation pads the last batch and marks real examples with ``mask``; every process runs the
@@ -80,6 +81,28 @@ def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int) -> grain.
     return it
 
 
+class _BatchBlocks(grain.MapDataset):
+    """Process ``index``'s block of every global batch of ``parent``: local element ``j`` is
+    global element ``(j // block) * block * count + index * block + j % block``."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        self._block, self._index, self._count = block, index, count
+        self._length = len(parent) // (block * count) * block
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        batch, offset = divmod(j, self._block)
+        return self._parent[(batch * self._count + self._index) * self._block + offset]
+
+    def __str__(self) -> str:
+        return f"_BatchBlocks(block={self._block}, index={self._index}, count={self._count})"
+
+
 def train_dataset(
     records: Sequence,
     *,
@@ -93,13 +116,17 @@ def train_dataset(
 ) -> grain.IterDataset:
     """Endless training batches ``{"image": uint8 [b, s, s, 3], "label": int32 [b]}``.
 
-    ``batch_size`` is the per-process batch. ``num_workers > 0`` decodes in that many worker
+    ``batch_size`` is the per-process batch ``b``; the global batch is ``b * process_count``.
+    ``num_workers > 0`` decodes in that many worker
     processes (the caller must run under ``if __name__ == "__main__"`` with absl flags
     parsed); ``num_threads`` decodes in threads of this process (Pillow releases the GIL).
     """
-    ds = shard(records, process_index, process_count)
-    ds = ds.shuffle(seed=seed).repeat(None, reseed_each_epoch=True)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.source(records).shuffle(seed=seed)
+    ds = ds.repeat(None, reseed_each_epoch=True)
     ds = ds.random_map(_TrainExample(augment), seed=seed)
+    ds = _BatchBlocks(ds, batch_size, process_index, process_count)
     ds = ds.batch(batch_size, drop_remainder=True)
     return _to_iter(ds, num_workers, num_threads)
 
@@ -170,6 +197,10 @@ class TrainIterator:
     def get_state(self) -> dict:
         return self._state
 
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state)
+        self._state = state
+
 
 def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """This process's part of a batch -> global arrays sharded along the batch axis."""
@@ -201,3 +232,9 @@ class prefetch_to_mesh:  # noqa: N801 - used like a function
 
     def get_state(self) -> dict:
         return self._state
+
+    def set_state(self, state: dict) -> None:
+        """Drops the batches in flight and continues from ``state``."""
+        self._queue.clear()
+        self._iterator.set_state(state)
+        self._state = state
