@@ -72,6 +72,14 @@ class Checkpointer:
         )
         return restored.state, step
 
+    def restore_state(self, step: int, state: Any) -> Any:
+        """The train state alone of checkpoint ``step`` (no data iterator), like ``state``."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
+        return restored.state
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -59,6 +59,16 @@ def sinusoidal_2d(height: int, width: int, features: int, dtype: Any = jnp.float
     return jnp.concatenate([rows, cols], axis=-1).astype(dtype)
 
 
+def relative_logit_maps(q: Array, rel_row: Array, rel_col: Array) -> Array:
+    """Each query's relative logits per head over every table offset,
+    ``q[:d/2]·rel_row[a] + q[d/2:]·rel_col[c]``: ``[b, h, w, heads, len(rel_row), len(rel_col)]``.
+    """
+    half = q.shape[-1] // 2
+    rows = jnp.einsum("bhwnd,rd->bhwnr", q[..., :half], rel_row.astype(q.dtype))
+    cols = jnp.einsum("bhwnd,cd->bhwnc", q[..., half:], rel_col.astype(q.dtype))
+    return rows[..., :, None] + cols[..., None, :]
+
+
 def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Linear:
     return nnx.Linear(
         in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -130,6 +140,7 @@ class SelfAttention2D(nnx.Module):
         self.positional, self.logits = positional, logits
         self.border, self.dilation, self.implementation = border, dilation, implementation
         self.dtype = dtype
+        self.capture = False  # set True to sow weights and relative logits (visualize.py)
         self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
         self.key = (
             _projection(in_features, out_features, dtype, param_dtype, rngs)
@@ -171,18 +182,27 @@ class SelfAttention2D(nnx.Module):
                 "rel_row": self.rel_row[...].astype(q.dtype),
                 "rel_col": self.rel_col[...].astype(q.dtype),
             }
+        q_heads = _split_heads(q, self.num_heads)
         result = local_attention(
-            _split_heads(q, self.num_heads),
+            q_heads,
             _split_heads(k, self.num_heads),
             _split_heads(v, self.num_heads),
             window=self.window,
             dilation=self.dilation,
             border=self.border,
             implementation=self.implementation,
-            return_weights=return_weights,
+            return_weights=return_weights or self.capture,
             **rel,
         )
-        out, weights = result if return_weights else (result, None)
+        out, weights = result if (return_weights or self.capture) else (result, None)
+        if self.capture:
+            self.sow(nnx.Intermediate, "attention_weights", weights)
+            if rel:
+                self.sow(
+                    nnx.Intermediate,
+                    "relative_logits",
+                    relative_logit_maps(q_heads, rel["rel_row"], rel["rel_col"]),
+                )
         out = out.reshape(*out.shape[:3], self.out_features)
         if self.strides == 2:
             out = nnx.avg_pool(out, (2, 2), strides=(2, 2), padding="SAME", count_include_pad=False)
@@ -237,6 +257,7 @@ class AttentionStem(nnx.Module):
         self.block, self.num_heads = block, num_heads
         self.head_dim = out_features // num_heads
         self.values, self.implementation, self.dtype = values, implementation, dtype
+        self.capture = False  # set True to sow per-tile attention weights (visualize.py)
         self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
         self.key = _projection(in_features, out_features, dtype, param_dtype, rngs)
         normal = jax.nn.initializers.normal(1.0)
@@ -350,5 +371,14 @@ class AttentionStem(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """``x: [batch, H, W, in_features] -> [batch, H/block, W/block, out_features]``."""
-        y = nnx.relu(self.norm(self.attend(x)))
+        if self.capture:
+            attended, weights = self.attend(x, return_weights=True)
+            b, h, w = x.shape[:3]
+            s = self.block
+            weights = weights.reshape(b, h // s, w // s, s, s, self.num_heads, s * s)
+            weights = weights.transpose(0, 1, 3, 2, 4, 5, 6).reshape(b, h, w, self.num_heads, -1)
+            self.sow(nnx.Intermediate, "attention_weights", weights)
+        else:
+            attended = self.attend(x)
+        y = nnx.relu(self.norm(attended))
         return nnx.max_pool(y, (self.block, self.block), strides=(self.block, self.block))

@@ -346,6 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     state, start = checkpointer.restore_latest(state, batches)
+    if primary:
+        save_run_config(config, workdir, num_classes=splits.num_classes)
     writer = MetricWriter(workdir, enabled=primary)
     progress = Progress(schedule.total_steps, start, enabled=primary)
     if primary:
@@ -413,6 +415,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.close()
         writer.close()
     return {"step": int(_host(state.step)), **last}
+
+
+def save_run_config(config, workdir: str, *, num_classes: int) -> None:
+    """Writes ``workdir/config.json``: the run's config with the dataset's class count, so a
+    run can be rebuilt later (``sasa_jax.visualize``)."""
+    import pathlib
+
+    resolved = config.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.model.num_classes = num_classes
+    path = pathlib.Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(resolved.to_json(indent=2))
+
+
+def load_run(workdir: str):
+    """``(config, model in eval mode with the latest checkpoint's weights, step)`` of a run
+    made by ``train.py``; the EMA weights when the run kept them, as eval does.
+
+    Raises FileNotFoundError if ``workdir`` holds no run or no checkpoint yet.
+    """
+    import json
+    import pathlib
+
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{workdir} holds no run of train.py (no config.json)")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+        model = create_model(config, config.model.num_classes, seed=config.seed)
+        tx = create_optimizer(config, optax.constant_schedule(0.0))
+        graphdef, eval_graph, state = create_train_state(model, tx, config)
+        state = checkpointer.restore_state(step, state)
+    finally:
+        checkpointer.close()
+    params = state.ema_params if state.ema_params is not None else state.params
+    return config, nnx.merge(eval_graph, params, state.batch_stats), step
 
 
 def _check_finite(flags: list, step: int, checkpointer: Checkpointer) -> None:

@@ -1,0 +1,30 @@
+"""The Colab tour executes top to bottom, offline, and shows its pictures."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_tour_notebook_executes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    notebook = nbformat.read(ROOT / "notebooks" / "tour.ipynb", as_version=4)
+    NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    pictures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pictures) == 3  # the borders, the shifted image, the attention maps
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "test top-1" in text and "ResNet-50 full_attention" in text
+    assert os.environ["TFDS_DATA_DIR"] == str(tmp_path / "tfds")
