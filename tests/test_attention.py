@@ -103,29 +103,14 @@ def test_gradients_match_reference(implementation, case):
 @pytest.mark.parametrize("border", ["mask", "zeros", "clamp"])
 def test_bfloat16_runs_and_stays_close(implementation, border):
     q, k, v, tables = _inputs(3, (8, 8), 5, border, True, dim=8, dim_v=8)
-    cast = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    inputs = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    kwargs = dict(window=5, border=border, **{n: t.astype(jnp.bfloat16) for n, t in tables.items()})
     out, weights = local_attention(
-        cast(q),
-        cast(k),
-        cast(v),
-        window=5,
-        border=border,
-        rel_row=cast(tables["rel_row"]),
-        rel_col=cast(tables["rel_col"]),
-        implementation=implementation,
-        return_weights=True,
+        *inputs, implementation=implementation, return_weights=True, **kwargs
     )
     assert out.dtype == jnp.bfloat16
     assert weights.dtype == jnp.float32
-    ref_out, ref_weights = reference_attention(
-        cast(q),
-        cast(k),
-        cast(v),
-        window=5,
-        border=border,
-        rel_row=cast(tables["rel_row"]),
-        rel_col=cast(tables["rel_col"]),
-    )
+    ref_out, ref_weights = reference_attention(*inputs, **kwargs)
     np.testing.assert_allclose(np.float32(out), ref_out, atol=5e-2, rtol=5e-2)
     np.testing.assert_allclose(weights, ref_weights, atol=2e-2)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
