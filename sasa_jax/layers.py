@@ -183,6 +183,7 @@ class SelfAttention2D(nnx.Module):
                 "rel_col": self.rel_col[...].astype(q.dtype),
             }
         q_heads = _split_heads(q, self.num_heads)
+        want_weights = return_weights or self.capture
         result = local_attention(
             q_heads,
             _split_heads(k, self.num_heads),
@@ -191,10 +192,10 @@ class SelfAttention2D(nnx.Module):
             dilation=self.dilation,
             border=self.border,
             implementation=self.implementation,
-            return_weights=return_weights or self.capture,
+            return_weights=want_weights,
             **rel,
         )
-        out, weights = result if (return_weights or self.capture) else (result, None)
+        out, weights = result if want_weights else (result, None)
         if self.capture:
             self.sow(nnx.Intermediate, "attention_weights", weights)
             if rel:

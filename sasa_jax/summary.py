@@ -145,53 +145,41 @@ def _params(module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def _flops_by_part(model: ResNet, image_size: int, convention: str) -> dict[str, int]:
+def _parts(model: ResNet, image_size: int, convention: str) -> dict[str, tuple[int, list]]:
+    """``{part: (FLOPs, output shape)}`` for the stem, each stage and the head."""
     h = w = image_size
-    parts = {}
-    parts["stem"], h, w = module_flops(model.stem, h, w, convention)
+    flops, h, w = module_flops(model.stem, h, w, convention)
+    parts = {"stem": (flops, [h, w, model.stem.out_features])}
     for index, stage in enumerate(model.stages):
         total = 0
         for block in stage:
             flops, h, w = module_flops(block, h, w, convention)
             total += flops
-        parts[f"stage{index + 1}"] = total
-    parts["head"] = 2 * model.head.in_features * model.head.out_features
+        parts[f"stage{index + 1}"] = (total, [h, w, stage[-1].conv3.out_features])
+    head = model.head
+    parts["head"] = (2 * head.in_features * head.out_features, [head.out_features])
     return parts
-
-
-def _output_shapes(model: ResNet, image_size: int) -> dict[str, list[int]]:
-    h = w = image_size
-    shapes = {}
-    _, h, w = module_flops(model.stem, h, w)
-    shapes["stem"] = [h, w, model.stem.out_features]
-    for index, stage in enumerate(model.stages):
-        for block in stage:
-            _, h, w = module_flops(block, h, w)
-        shapes[f"stage{index + 1}"] = [h, w, stage[-1].conv3.out_features]
-    shapes["head"] = [model.head.out_features]
-    return shapes
 
 
 def summarize(model: ResNet, image_size: int) -> dict:
     """Params and FLOPs (both conventions) of one square image, with a per-part breakdown."""
-    paper = _flops_by_part(model, image_size, "paper")
-    computed = _flops_by_part(model, image_size, "computed")
-    shapes = _output_shapes(model, image_size)
+    paper = _parts(model, image_size, "paper")
+    computed = _parts(model, image_size, "computed")
     modules = {"stem": model.stem, "head": model.head}
     modules.update({f"stage{i + 1}": stage for i, stage in enumerate(model.stages)})
     stages = {
         name: {
             "params": _params(modules[name]),
-            "flops": paper[name],
-            "flops_computed": computed[name],
-            "output": shapes[name],
+            "flops": paper[name][0],
+            "flops_computed": computed[name][0],
+            "output": paper[name][1],
         }
         for name in paper
     }
     return {
         "params": _params(model),
-        "flops": sum(paper.values()),
-        "flops_computed": sum(computed.values()),
+        "flops": sum(flops for flops, _ in paper.values()),
+        "flops_computed": sum(flops for flops, _ in computed.values()),
         "image_size": image_size,
         "stages": stages,
     }

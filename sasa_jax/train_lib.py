@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
+import pathlib
 import signal
 import time
 from typing import Any
@@ -42,6 +44,10 @@ class TrainState:
     opt_state: optax.OptState
     ema_params: nnx.State | None
     rng: jax.Array
+
+    def eval_params(self) -> nnx.State:
+        """The weights eval uses: the EMA when the run keeps one."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +222,7 @@ def train_step(
 
 def eval_step(state: TrainState, batch: dict, *, graphdef, config, num_classes: int) -> dict:
     """Sums over the real (masked) examples of a padded global batch."""
-    params = state.ema_params if state.ema_params is not None else state.params
-    model = nnx.merge(graphdef, params, state.batch_stats)
+    model = nnx.merge(graphdef, state.eval_params(), state.batch_stats)
     logits = model(data.normalize(batch["image"], dtype=compute_dtype(config)))
     mask = batch["mask"].astype(jnp.float32)
     loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
@@ -420,8 +425,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def save_run_config(config, workdir: str, *, num_classes: int) -> None:
     """Writes ``workdir/config.json``: the run's config with the dataset's class count, so a
     run can be rebuilt later (``sasa_jax.visualize``)."""
-    import pathlib
-
     resolved = config.copy_and_resolve_references()
     with resolved.unlocked():
         resolved.model.num_classes = num_classes
@@ -436,9 +439,6 @@ def load_run(workdir: str):
 
     Raises FileNotFoundError if ``workdir`` holds no run or no checkpoint yet.
     """
-    import json
-    import pathlib
-
     path = pathlib.Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{workdir} holds no run of train.py (no config.json)")
@@ -454,8 +454,7 @@ def load_run(workdir: str):
         state = checkpointer.restore_state(step, state)
     finally:
         checkpointer.close()
-    params = state.ema_params if state.ema_params is not None else state.params
-    return config, nnx.merge(eval_graph, params, state.batch_stats), step
+    return config, nnx.merge(eval_graph, state.eval_params(), state.batch_stats), step
 
 
 def _check_finite(flags: list, step: int, checkpointer: Checkpointer) -> None:

@@ -182,8 +182,6 @@ def draw(image: np.ndarray, maps: list[LayerMaps], title: str = ""):
             ax.set_yticks([])
             if not ax.texts:
                 ax.axis("off")
-        elif ax.get_xlabel() == "" and not ax.get_xticks().size:
-            ax.set_xticks([])
     for ax in axes[: 2 * len(maps)].flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -41,10 +41,14 @@ def per_process_batch(global_batch: int, process_count: int, name: str = "batch_
     return global_batch // process_count
 
 
-def shard(records: Sequence, process_index: int, process_count: int) -> grain.MapDataset:
-    """This process's disjoint shard of ``records`` (together the shards are complete)."""
+def _check_process(process_index: int, process_count: int) -> None:
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+
+
+def shard(records: Sequence, process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's disjoint shard of ``records`` (together the shards are complete)."""
+    _check_process(process_index, process_count)
     return grain.MapDataset.source(records)[process_index::process_count]
 
 
@@ -121,8 +125,7 @@ def train_dataset(
     processes (the caller must run under ``if __name__ == "__main__"`` with absl flags
     parsed); ``num_threads`` decodes in threads of this process (Pillow releases the GIL).
     """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    _check_process(process_index, process_count)
     ds = grain.MapDataset.source(records).shuffle(seed=seed)
     ds = ds.repeat(None, reseed_each_epoch=True)
     ds = ds.random_map(_TrainExample(augment), seed=seed)
