@@ -76,7 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--implementation", default="gather")
+    parser.add_argument("--implementation", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()

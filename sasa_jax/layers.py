@@ -75,6 +75,12 @@ def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Line
     )
 
 
+def _project(linear: nnx.Linear, x: Array) -> Array:
+    """Applies a 1x1 projection as one 2-D matmul: XLA's CPU dot is several times faster on
+    ``[pixels, features]`` than on the 4-D ``[b, h, w, features]`` (benchmarks/attention.py)."""
+    return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], linear.out_features)
+
+
 def _split_heads(x: Array, num_heads: int) -> Array:
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
@@ -112,7 +118,7 @@ class SelfAttention2D(nnx.Module):
         logits: str = "qk+qr",
         border: str = "mask",
         dilation: int = 1,
-        implementation: str = "gather",
+        implementation: str = "auto",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -167,11 +173,11 @@ class SelfAttention2D(nnx.Module):
             raise ValueError(
                 f"expected [batch, height, width, {self.in_features}], got {tuple(x.shape)}"
             )
-        q = self.query(x)
+        q = _project(self.query, x)
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
-        v = self.value(x)
+        v = _project(self.value, x)
         if self.key is not None:
-            k = self.key(x)
+            k = _project(self.key, x)
             if self.positional == "absolute":
                 k = k + sinusoidal_2d(x.shape[1], x.shape[2], self.out_features, k.dtype)
         else:
@@ -240,7 +246,7 @@ class AttentionStem(nnx.Module):
         embed_dim: int | None = None,
         bn_momentum: float = 0.9,
         bn_epsilon: float = 1e-5,
-        implementation: str = "gather",
+        implementation: str = "auto",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,

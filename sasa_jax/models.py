@@ -253,7 +253,7 @@ class ModelSpec:
     positional: str = "relative"
     logits: str = "qk+qr"
     border: str = "mask"
-    implementation: str = "gather"
+    implementation: str = "auto"
     width_multiplier: float = 1.0
     num_classes: int = 1000
     bn_momentum: float = 0.9

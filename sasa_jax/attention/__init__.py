@@ -4,10 +4,12 @@
 Importing an implementation module registers it.
 """
 
-from sasa_jax.attention import gather  # noqa: F401  (registers "gather")
+from sasa_jax.attention import dense, fused, gather  # noqa: F401  (register them)
 from sasa_jax.attention.api import (
     Implementation,
+    add_auto_rule,
     attention_implementations,
+    auto_choice,
     local_attention,
     register,
     softmax_dtype,
@@ -18,7 +20,9 @@ __all__ = [
     "BORDERS",
     "AxisWindow",
     "Implementation",
+    "add_auto_rule",
     "attention_implementations",
+    "auto_choice",
     "axis_window",
     "local_attention",
     "register",

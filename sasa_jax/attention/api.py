@@ -36,6 +36,47 @@ def register(impl: Implementation) -> None:
     _REGISTRY[impl.name] = impl
 
 
+# How "auto" chooses, per backend: rules tried in order, each ``(name, applies(q_shape,
+# rows, cols))``; the first that applies and is registered wins, else "gather". A fused Pallas
+# kernel for GPU/TPU goes first in its backend's list via ``add_auto_rule``.
+_AUTO_RULES: dict[str, list[tuple[str, Callable[..., bool]]]] = {}
+
+
+def _window_covers_map(q_shape, rows: AxisWindow, cols: AxisWindow) -> bool:
+    """Dense attention wastes at most 4x the window's work: the map is small."""
+    return rows.size * cols.size <= 4 * rows.window * cols.window
+
+
+def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: bool = True):
+    """Makes ``auto`` pick implementation ``name`` on ``backend`` where ``applies(q_shape,
+    rows, cols)`` holds (checked before the existing rules, unless ``first=False``)."""
+    rules = _AUTO_RULES.setdefault(backend, _default_rules())
+    rules.insert(0 if first else len(rules), (name, applies))
+
+
+def _default_rules() -> list[tuple[str, Callable[..., bool]]]:
+    # Measured on a 2-core CPU with benchmarks/attention.py (README, "Performance"): dense
+    # wins where the window covers a quarter of the map or more, fused everywhere else.
+    return [("dense", _window_covers_map), ("fused", lambda *_: True)]
+
+
+def auto_choice(
+    q_shape: tuple[int, ...], rows: AxisWindow, cols: AxisWindow, backend: str | None = None
+) -> str:
+    """The implementation ``auto`` runs for this shape and geometry on ``backend``."""
+    backend = backend or jax.default_backend()
+    for name, applies in _AUTO_RULES.get(backend) or _default_rules():
+        impl = _REGISTRY.get(name)
+        if impl is not None and impl.available(backend) and applies(q_shape, rows, cols):
+            return name
+    return "gather"
+
+
+def _auto(q, k, v, rel_row, rel_col, rows, cols, return_weights):
+    name = auto_choice(tuple(q.shape), rows, cols)
+    return _REGISTRY[name].fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
+
+
 def attention_implementations(backend: str | None = None) -> list[str]:
     """Names of the implementations that run on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()
@@ -125,7 +166,7 @@ def local_attention(
     rel_col: Array | None = None,
     dilation: int = 1,
     border: str = "mask",
-    implementation: str = "gather",
+    implementation: str = "auto",
     return_weights: bool = False,
 ) -> Array | tuple[Array, Array]:
     """2-D local self-attention with relative-position logits (SASA, eq. 2-3).
@@ -140,7 +181,9 @@ def local_attention(
       rel_col: ``[kw, dim/2]`` (``[2kw-1, dim/2]`` for "clamp") column-offset embeddings.
       dilation: step between window taps, at least 1 ("clamp" needs 1).
       border: "mask", "zeros" or "clamp"; see the README for the exact semantics.
-      implementation: a name from ``attention_implementations()``. All return the same numbers.
+      implementation: a name from ``attention_implementations()``. All return the same numbers
+        (to float rounding); "auto" picks the fastest for the backend and shape
+        (``auto_choice``).
       return_weights: also return the attention weights.
 
     Returns:
@@ -175,9 +218,13 @@ def softmax_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
+register(Implementation("auto", _auto))
+
 __all__ = [
     "AxisWindow",
     "Implementation",
+    "add_auto_rule",
+    "auto_choice",
     "attention_implementations",
     "local_attention",
     "register",
