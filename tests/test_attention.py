@@ -249,5 +249,62 @@ def test_errors_come_before_tracing_under_jit():
 
 
 def test_implementations_listed():
-    assert "gather" in sasa_jax.attention_implementations()
-    assert "gather" in sasa_jax.attention_implementations("cpu")
+    for backend in (None, "cpu"):
+        assert {"auto", "dense", "fused", "gather"} <= set(
+            sasa_jax.attention_implementations(backend)
+        )
+
+
+CHUNKING = {
+    # (module, {constant: value}): force each way an implementation splits a batch.
+    "fused-unrolled": ("fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 16}),
+    "fused-loop": ("fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 1}),
+    "dense-remat": ("dense", {"CHUNK_ELEMENTS": 1}),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(CHUNKING))
+@pytest.mark.parametrize("border", ["mask", "clamp"])
+def test_batch_chunks_match_reference(setting, border, monkeypatch):
+    """Chunked batches (one image per chunk) give the reference's outputs, weights and
+    gradients, including the gradient through the returned weights."""
+    module_name, constants = CHUNKING[setting]
+    module = getattr(sasa_jax.attention, module_name)
+    for name, value in constants.items():
+        monkeypatch.setattr(module, name, value)
+    q, k, v, tables = _inputs(3, (5, 6), 3, border, rel=True, batch=3)
+    out_cot = jax.random.normal(jax.random.key(4), v.shape)
+    w_cot = jax.random.normal(jax.random.key(5), q.shape[:4] + (9,))
+
+    def loss(fn, q, k, v, tables):
+        out, weights = fn(q, k, v, window=3, border=border, **tables)
+        return jnp.sum(out * out_cot) + jnp.sum(weights * w_cot), (out, weights)
+
+    def ours(*a, **kw):
+        return local_attention(*a, implementation=module_name, return_weights=True, **kw)
+
+    (_, got), grads = jax.value_and_grad(
+        lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3), has_aux=True
+    )(q, k, v, tables)
+    (_, want), ref_grads = jax.value_and_grad(
+        lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2, 3), has_aux=True
+    )(q, k, v, tables)
+    chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-3, rtol=1e-3)
+
+
+def test_auto_picks_by_map_size_and_takes_new_rules():
+    from sasa_jax.attention import add_auto_rule, auto_choice, axis_window
+
+    def windows(size, window=7):
+        return axis_window(size, window, 1, "mask"), axis_window(size, window, 1, "mask")
+
+    assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="cpu") == "dense"
+    assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="cpu") == "dense"
+    assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="cpu") == "fused"
+    # A later kernel registers a rule for its backend; unregistered names are skipped.
+    add_auto_rule("test-backend", "no-such-kernel", lambda *_: True)
+    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "fused"
+    add_auto_rule("test-backend", "gather", lambda shape, rows, cols: rows.size == 56)
+    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "gather"
+    assert auto_choice((8, 28, 28, 8, 8), *windows(28), backend="test-backend") == "fused"

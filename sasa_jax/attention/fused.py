@@ -307,23 +307,14 @@ def _attend_bwd(geo, chunk, with_weights, residuals, cotangent):
 
 def _chunked_sum(fn, arrays, chunk: int):
     """Like ``_chunked`` for ``fn -> (per_example, summed)``: concatenates the first part and
-    adds up the second (the relative tables' gradients)."""
-    batch = arrays[0].shape[0]
-    if chunk >= batch:
-        return fn(*arrays)
-    count = batch // chunk
-    if count <= MAX_UNROLLED_CHUNKS:
-        pieces = [
-            fn(*[None if a is None else a[i * chunk : (i + 1) * chunk] for a in arrays])
-            for i in range(count)
-        ]
-        per_example = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[p[0] for p in pieces])
-        summed = jax.tree.map(lambda *xs: _total(list(xs)), *[p[1] for p in pieces])
-        return per_example, summed
-    split = [None if a is None else a.reshape(count, chunk, *a.shape[1:]) for a in arrays]
-    per_example, summed = jax.lax.map(lambda xs: fn(*xs), tuple(split))
-    per_example = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), per_example)
-    return per_example, jax.tree.map(lambda x: jnp.sum(x, axis=0), summed)
+    adds up the second (the relative tables' gradients) over the chunks."""
+
+    def with_chunk_axis(*xs):
+        per_example, summed = fn(*xs)
+        return per_example, jax.tree.map(lambda s: s[None], summed)
+
+    per_example, summed = _chunked(with_chunk_axis, arrays, chunk)
+    return per_example, jax.tree.map(lambda s: jnp.sum(s, axis=0), summed)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
