@@ -250,16 +250,18 @@ def test_errors_come_before_tracing_under_jit():
 
 def test_implementations_listed():
     for backend in (None, "cpu"):
-        assert {"auto", "dense", "fused", "gather"} <= set(
+        assert {"auto", "dense", "fused", "gather", "tiled"} <= set(
             sasa_jax.attention_implementations(backend)
         )
 
 
 CHUNKING = {
-    # (module, {constant: value}): force each way an implementation splits a batch.
-    "fused-unrolled": ("fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 16}),
-    "fused-loop": ("fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 1}),
-    "dense-remat": ("dense", {"CHUNK_ELEMENTS": 1}),
+    # (implementation, module, {constant: value}): force each way an implementation splits
+    # a batch, and "tiled" into many small, overhanging tiles.
+    "fused-unrolled": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 16}),
+    "fused-loop": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 1}),
+    "dense-loop": ("dense", "dense", {"CHUNK_ELEMENTS": 1}),
+    "tiled-2x2-loop": ("tiled", "dense", {"CHUNK_ELEMENTS": 1, "TILE": 2}),
 }
 
 
@@ -268,7 +270,7 @@ CHUNKING = {
 def test_batch_chunks_match_reference(setting, border, monkeypatch):
     """Chunked batches (one image per chunk) give the reference's outputs, weights and
     gradients, including the gradient through the returned weights."""
-    module_name, constants = CHUNKING[setting]
+    implementation, module_name, constants = CHUNKING[setting]
     module = getattr(sasa_jax.attention, module_name)
     for name, value in constants.items():
         monkeypatch.setattr(module, name, value)
@@ -281,7 +283,7 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
         return jnp.sum(out * out_cot) + jnp.sum(weights * w_cot), (out, weights)
 
     def ours(*a, **kw):
-        return local_attention(*a, implementation=module_name, return_weights=True, **kw)
+        return local_attention(*a, implementation=implementation, return_weights=True, **kw)
 
     (_, got), grads = jax.value_and_grad(
         lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3), has_aux=True
@@ -301,10 +303,10 @@ def test_auto_picks_by_map_size_and_takes_new_rules():
 
     assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="cpu") == "dense"
     assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="cpu") == "dense"
-    assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="cpu") == "fused"
+    assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="cpu") == "tiled"
     # A later kernel registers a rule for its backend; unregistered names are skipped.
     add_auto_rule("test-backend", "no-such-kernel", lambda *_: True)
-    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "fused"
+    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "tiled"
     add_auto_rule("test-backend", "gather", lambda shape, rows, cols: rows.size == 56)
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "gather"
-    assert auto_choice((8, 28, 28, 8, 8), *windows(28), backend="test-backend") == "fused"
+    assert auto_choice((8, 28, 28, 8, 8), *windows(28), backend="test-backend") == "tiled"

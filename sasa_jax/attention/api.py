@@ -56,8 +56,8 @@ def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: 
 
 def _default_rules() -> list[tuple[str, Callable[..., bool]]]:
     # Measured on a 2-core CPU with benchmarks/attention.py (README, "Performance"): dense
-    # wins where the window covers a quarter of the map or more, fused everywhere else.
-    return [("dense", _window_covers_map), ("fused", lambda *_: True)]
+    # wins where the window covers a quarter of the map or more, tiled everywhere else.
+    return [("dense", _window_covers_map), ("tiled", lambda *_: True)]
 
 
 def auto_choice(
