@@ -260,8 +260,8 @@ CHUNKING = {
     # a batch, and "tiled" into many small, overhanging tiles.
     "fused-unrolled": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 16}),
     "fused-loop": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 1}),
-    "dense-loop": ("dense", "dense", {"CHUNK_ELEMENTS": 1}),
-    "tiled-2x2-loop": ("tiled", "dense", {"CHUNK_ELEMENTS": 1, "TILE": 2}),
+    "dense-loop": ("dense", "tiled", {"CHUNK_ELEMENTS": 1}),
+    "tiled-2x2-loop": ("tiled", "tiled", {"CHUNK_ELEMENTS": 1, "TILE": 2}),
 }
 
 
