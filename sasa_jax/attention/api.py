@@ -56,8 +56,13 @@ def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: 
 
 def _default_rules() -> list[tuple[str, Callable[..., bool]]]:
     # Measured on a 2-core CPU with benchmarks/attention.py (README, "Performance"): dense
-    # wins where the window covers a quarter of the map or more, tiled everywhere else.
-    return [("dense", _window_covers_map), ("tiled", lambda *_: True)]
+    # wins where the window covers a quarter of the map or more; elsewhere fused wins at head
+    # dim 8 (tiled's matmuls are too thin there) and tiled from head dim 16 on.
+    return [
+        ("dense", _window_covers_map),
+        ("fused", lambda q_shape, rows, cols: q_shape[-1] <= 8),
+        ("tiled", lambda *_: True),
+    ]
 
 
 def auto_choice(
