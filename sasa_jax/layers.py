@@ -322,7 +322,7 @@ class AttentionStem(nnx.Module):
 
     def _values(self, x: Array) -> Array:
         if self.value is not None:
-            return self.value(x)
+            return _project(self.value, x)
         if self.value_conv is not None:
             return self.value_conv(x)
         # Mix the M value matrices per position class, then apply the 16 mixed matrices.
@@ -359,9 +359,9 @@ class AttentionStem(nnx.Module):
                 f"the attention stem needs height and width divisible by block={self.block}, "
                 f"got {tuple(x.shape[1:3])}"
             )
-        q = self.query(x)
+        q = _project(self.query, x)
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
-        k, v = self.key(x), self._values(x)
+        k, v = _project(self.key, x), self._values(x)
         tiles = [self._to_tiles(_split_heads(t, self.num_heads)) for t in (q, k, v)]
         result = local_attention(
             *tiles,

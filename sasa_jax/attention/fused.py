@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention.api import Implementation, register, softmax_dtype
+from sasa_jax.attention.chunks import batch_chunk, map_chunks
 from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
@@ -109,11 +110,7 @@ class Geometry:
 
 def geometry(rows_win: AxisWindow, cols_win: AxisWindow) -> Geometry:
     """The window tables of an image (cached per geometry)."""
-
-    def key(win: AxisWindow) -> tuple:
-        return (win.size, win.window, win.dilation, win.border)
-
-    return _geometry(key(rows_win), key(cols_win))
+    return _geometry(rows_win.spec, cols_win.spec)
 
 
 @functools.lru_cache(maxsize=256)
@@ -259,20 +256,8 @@ MAX_UNROLLED_CHUNKS = 16
 
 
 def _chunked(fn, arrays, chunk: int):
-    """Applies ``fn`` to chunks of the batch axis and concatenates the results."""
-    batch = arrays[0].shape[0]
-    if chunk >= batch:
-        return fn(*arrays)
-    count = batch // chunk
-    if count <= MAX_UNROLLED_CHUNKS:
-        pieces = [
-            fn(*[None if a is None else a[i * chunk : (i + 1) * chunk] for a in arrays])
-            for i in range(count)
-        ]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *pieces)
-    split = [None if a is None else a.reshape(count, chunk, *a.shape[1:]) for a in arrays]
-    stacked = jax.lax.map(lambda xs: fn(*xs), tuple(split))
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), stacked)
+    """``map_chunks`` with this module's unrolling bound (read at call time)."""
+    return map_chunks(fn, arrays, chunk, max_unrolled=MAX_UNROLLED_CHUNKS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -320,22 +305,12 @@ def _chunked_sum(fn, arrays, chunk: int):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def batch_chunk(batch: int, pixels: int, heads: int, offsets: int) -> int:
-    """The largest divisor of ``batch`` whose logits fit in ``CHUNK_ELEMENTS``."""
-    per_image = pixels * heads * offsets
-    best = 1
-    for size in range(1, batch + 1):
-        if batch % size == 0 and size * per_image <= CHUNK_ELEMENTS:
-            best = size
-    return best
-
-
 def fused_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
     """``local_attention`` by fused shifted windows; arguments are already checked."""
     geo = geometry(rows, cols)
     b, height, width, heads, _ = q.shape
     rel = () if rel_row is None else (rel_row, rel_col)
-    chunk = batch_chunk(b, height * width, heads, len(geo.offsets))
+    chunk = batch_chunk(b, height * width * heads * len(geo.offsets), CHUNK_ELEMENTS)
     result = _attend(q, k, v, rel, geo, chunk, return_weights)
     if not return_weights:
         return result
@@ -353,4 +328,4 @@ def _tap_weights(weights: Array, geo: Geometry) -> Array:
 
 register(Implementation("fused", fused_attention))
 
-__all__ = ["CHUNK_ELEMENTS", "axis_offsets", "batch_chunk", "fused_attention", "geometry"]
+__all__ = ["CHUNK_ELEMENTS", "axis_offsets", "fused_attention", "geometry"]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention.api import Implementation, register, softmax_dtype
+from sasa_jax.attention.chunks import batch_chunk, map_chunks
 from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
@@ -98,11 +99,7 @@ def _tiles(rows_key: tuple, cols_key: tuple, tile: int | None) -> tuple[AxisTile
 
 def tiles(rows: AxisWindow, cols: AxisWindow, tile: int | None) -> tuple[AxisTiles, AxisTiles]:
     """Row and column tiles (cached per geometry); ``tile=None``: one tile per axis."""
-
-    def key(win: AxisWindow) -> tuple:
-        return (win.size, win.window, win.dilation, win.border)
-
-    return _tiles(key(rows), key(cols), tile)
+    return _tiles(rows.spec, cols.spec, tile)
 
 
 def _query_tiles(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
@@ -196,18 +193,11 @@ def _run(q, k, v, rel_row, rel_col, rows, cols, return_weights, tile: int | None
     rt, ct = tiles(rows, cols, tile)
     b, _, _, heads, _ = q.shape
     per_image = heads * rt.tiles * ct.tiles * rt.tile * ct.tile * rt.halo * ct.halo
-    chunk = max(
-        [c for c in range(1, b + 1) if b % c == 0 and c * per_image <= CHUNK_ELEMENTS], default=1
-    )
+    chunk = batch_chunk(b, per_image, CHUNK_ELEMENTS)
     attend = functools.partial(
         _attend, rel_row=rel_row, rel_col=rel_col, rt=rt, ct=ct, return_weights=return_weights
     )
-    if chunk == b:
-        return attend(q, k, v)
-    # A loop, not unrolled chunks: XLA would schedule unrolled chunks side by side.
-    split = tuple(x.reshape(b // chunk, chunk, *x.shape[1:]) for x in (q, k, v))
-    stacked = jax.lax.map(lambda xs: jax.checkpoint(attend)(*xs), split)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), stacked)
+    return map_chunks(attend, (q, k, v), chunk, max_unrolled=0, remat=True)
 
 
 def dense_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):

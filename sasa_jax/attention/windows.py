@@ -47,6 +47,12 @@ class AxisWindow:
     rel_length: int
 
     @property
+    def spec(self) -> tuple[int, int, int, str]:
+        """``(size, window, dilation, border)``: ``axis_window(*spec)`` rebuilds this window;
+        a hashable key for caching tables built from it."""
+        return (self.size, self.window, self.dilation, self.border)
+
+    @property
     def centred(self) -> bool:
         """True when every query's window is the same shift of the query (no clamping)."""
         return self.border != "clamp"
