@@ -17,6 +17,7 @@ launched with srun). Otherwise the run is single-process.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 from absl import app, flags, logging
@@ -60,11 +61,32 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def size_cpu_thread_pool() -> None:
+    """Gives XLA's CPU client the same thread pool in every process layout of one run.
+
+    XLA's CPU dots split their sums by the size of the process's thread pool, which is
+    max(PJRT_NPROC or the core count, local devices): 1 process of 4 simulated devices and 2
+    processes of 2 would round differently. Unless PJRT_NPROC is set, it is set here, before
+    JAX starts, to max(cores, global devices), so that with config.deterministic_reductions any
+    split of the devices over processes computes the same bits. A one-device run keeps the core
+    count (no change).
+    """
+    if "PJRT_NPROC" in os.environ:
+        return
+    found = re.search(
+        r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
+    )
+    local = int(found.group(1)) if found else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["PJRT_NPROC"] = str(max(cores or 1, local * (_NUM_PROCESSES.value or 1)))
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+    size_cpu_thread_pool()
     initialize_distributed()
     logging.info(
         "process %d of %d, %d local / %d global devices (%s)",

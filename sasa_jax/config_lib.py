@@ -43,6 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1
     config.ema_decay = 0.0  # 0 disables the EMA of the weights
     config.half_precision = False
+    # Cross-device means added in device order (sasa_jax.parallel): any split of the devices
+    # over processes gives the same numbers. False: XLA's all-reduces, layout-dependent rounding.
+    config.deterministic_reductions = True
     config.log_every_steps = 100
     config.eval_every_steps = -1  # -1: once per epoch
     config.checkpoint_every_steps = 1000

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sasa_jax.attention import BORDERS, attention_implementations, local_attention, rel_length
+from sasa_jax.norm import BatchNorm
 
 Array = jax.Array
 
@@ -303,7 +304,7 @@ class AttentionStem(nnx.Module):
             )
         else:
             self.value_mixture = self.emb_row = self.emb_col = self.mixture_emb = None
-        self.norm = nnx.BatchNorm(
+        self.norm = BatchNorm(
             out_features,
             momentum=bn_momentum,
             epsilon=bn_epsilon,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sasa_jax.layers import STEM_VALUES, AttentionStem, SelfAttention2D
+from sasa_jax.norm import BatchNorm
 
 Array = jax.Array
 SpatialFactory = Callable[..., nnx.Module]
@@ -50,7 +51,7 @@ class Norm:
 
     def __call__(self, features: int, *, rngs: nnx.Rngs, zero_scale: bool = False):
         init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-        return nnx.BatchNorm(
+        return BatchNorm(
             features,
             momentum=self.momentum,
             epsilon=self.epsilon,

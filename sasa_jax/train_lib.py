@@ -3,7 +3,12 @@
 Following the flax ImageNet example: ``create_train_state``, ``train_step``, ``eval_step``,
 ``train_and_evaluate(config, workdir)``. Data parallelism is ``jax.jit`` over a ``Mesh`` with
 one ``data`` axis: the batch is sharded, the state replicated and donated. Batch-norm statistics
-are therefore taken over the global batch, whatever the number of devices or processes.
+are taken over the global batch, whatever the number of devices or processes.
+
+With ``config.deterministic_reductions`` (the default) the step body runs under ``shard_map``
+and every cross-device mean (gradients, loss, batch-norm statistics) adds the devices' values in
+device order (``sasa_jax.parallel``), so two processes of 2 devices compute the same bits as one
+process of 4. Off, the sums are XLA's own all-reduces, whose rounding depends on the layout.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sasa_jax import data
+from sasa_jax import data, parallel
 from sasa_jax.checkpoints import Checkpointer
 from sasa_jax.metrics import MetricWriter, Progress
 from sasa_jax.models import ModelSpec, build_model
+from sasa_jax.norm import set_batch_axis
 
 NO_DECAY = ("bias", "scale")  # batch-norm scales and offsets, and every bias
 
@@ -184,9 +190,23 @@ def cross_entropy(
 
 
 def train_step(
-    state: TrainState, batch: dict, *, graphdef, tx, learning_rate, config, num_classes: int
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef,
+    tx,
+    learning_rate,
+    config,
+    num_classes: int,
+    axis_name: str | None = None,
 ):
-    """One SGD step on a global batch; returns the new state and scalar metrics."""
+    """One SGD step on a global batch; returns the new state and scalar metrics.
+
+    With ``axis_name``, the step runs per device inside ``shard_map`` over that axis: ``batch``
+    is the device's shard, and the gradients, loss and accuracy are averaged over the axis in
+    device order (``parallel.ordered_mean``). ``graphdef``'s batch norms must then average over
+    the same axis (``set_batch_axis``).
+    """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     images = data.normalize(batch["image"], dtype=compute_dtype(config))
 
@@ -196,6 +216,9 @@ def train_step(
         return loss.mean(), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    if axis_name is not None:
+        grads, loss, accuracy = parallel.ordered_mean((grads, loss, accuracy), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
@@ -213,7 +236,7 @@ def train_step(
     )
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "accuracy": accuracy,
         "learning_rate": learning_rate(state.step),
         "finite": jnp.isfinite(loss),
     }
@@ -311,19 +334,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
     model = create_model(config, splits.num_classes, seed=config.seed)
+    axis_name = "data" if config.deterministic_reductions else None
+    set_batch_axis(model, axis_name)
     learning_rate = learning_rate_schedule(config, schedule)
     tx = create_optimizer(config, learning_rate)
     graphdef, eval_graph, state = create_train_state(model, tx, config)
     state = jax.device_put(state, replicated)
+    step = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        learning_rate=learning_rate,
+        config=config,
+        num_classes=splits.num_classes,
+        axis_name=axis_name,
+    )
+    if axis_name is not None:
+        step = jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(axis_name)),
+            out_specs=(PartitionSpec(), PartitionSpec()),
+            check_vma=False,  # the outputs are replicated: every device adds in the same order
+        )
     step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            graphdef=graphdef,
-            tx=tx,
-            learning_rate=learning_rate,
-            config=config,
-            num_classes=splits.num_classes,
-        ),
+        step,
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

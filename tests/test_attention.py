@@ -305,6 +305,10 @@ def test_auto_picks_by_map_size_and_takes_new_rules():
     assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="cpu") == "dense"
     assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="cpu") == "tiled"
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="cpu") == "fused"
+    # GPU: dense only where the map fits in one window (measured on an H100).
+    assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="gpu") == "dense"
+    assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="gpu") == "tiled"
+    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="gpu") == "fused"
     # A later kernel registers a rule for its backend; unregistered names are skipped.
     add_auto_rule("test-backend", "no-such-kernel", lambda *_: True)
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "fused"

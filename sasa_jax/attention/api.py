@@ -47,19 +47,26 @@ def _window_covers_map(q_shape, rows: AxisWindow, cols: AxisWindow) -> bool:
     return rows.size * cols.size <= 4 * rows.window * cols.window
 
 
+def _map_within_window(q_shape, rows: AxisWindow, cols: AxisWindow) -> bool:
+    """The map has no more positions than one window: dense attention wastes nothing."""
+    return rows.size * cols.size <= rows.window * cols.window
+
+
 def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: bool = True):
     """Makes ``auto`` pick implementation ``name`` on ``backend`` where ``applies(q_shape,
     rows, cols)`` holds (checked before the existing rules, unless ``first=False``)."""
-    rules = _AUTO_RULES.setdefault(backend, _default_rules())
+    rules = _AUTO_RULES.setdefault(backend, _default_rules(backend))
     rules.insert(0 if first else len(rules), (name, applies))
 
 
-def _default_rules() -> list[tuple[str, Callable[..., bool]]]:
-    # Measured on a 2-core CPU with benchmarks/attention.py (README, "Performance"): dense
-    # wins where the window covers a quarter of the map or more; elsewhere fused wins at head
-    # dim 8 (tiled's matmuls are too thin there) and tiled from head dim 16 on.
+def _default_rules(backend: str) -> list[tuple[str, Callable[..., bool]]]:
+    # Measured with benchmarks/attention.py (README, "Performance"). On a 2-core CPU dense wins
+    # where the window covers a quarter of the map or more; elsewhere fused wins at head dim 8
+    # (tiled's matmuls are too thin there) and tiled from head dim 16 on. On an H100 (one run,
+    # batch 8) tiled already beat dense at 14x14 (0.6 against 1.0 ms), so dense is kept for
+    # maps no larger than the window; TPU has no measurements and takes the CPU's rules.
     return [
-        ("dense", _window_covers_map),
+        ("dense", _map_within_window if backend == "gpu" else _window_covers_map),
         ("fused", lambda q_shape, rows, cols: q_shape[-1] <= 8),
         ("tiled", lambda *_: True),
     ]
@@ -70,7 +77,7 @@ def auto_choice(
 ) -> str:
     """The implementation ``auto`` runs for this shape and geometry on ``backend``."""
     backend = backend or jax.default_backend()
-    for name, applies in _AUTO_RULES.get(backend) or _default_rules():
+    for name, applies in _AUTO_RULES.get(backend) or _default_rules(backend):
         impl = _REGISTRY.get(name)
         if impl is not None and impl.available(backend) and applies(q_shape, rows, cols):
             return name
