@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sasa_jax.layers import AttentionStem, SelfAttention2D
-from sasa_jax.models import STAGE_SIZES, ConvStem, ModelSpec, build_model
+from sasa_jax.models import STAGE_SIZES, Conv1x1, ConvStem, ModelSpec, build_model
 
 
 def _params(module) -> int:
@@ -37,6 +37,21 @@ def test_tiny_variant_shapes(variant, train):
         [features[k] for k in ("c2", "c3", "c4", "c5")],
         [(2, 8, 8, 64), (2, 4, 4, 128), (2, 2, 2, 256), (2, 1, 1, 512)],
     )
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("size", [7, 8])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_conv1x1_matches_nnx_conv(strides, size, use_bias):
+    conv = Conv1x1(6, 5, strides=strides, use_bias=use_bias, rngs=nnx.Rngs(0))
+    reference = nnx.Conv(6, 5, (1, 1), strides=strides, use_bias=use_bias, rngs=nnx.Rngs(1))
+    nnx.update(reference, nnx.state(conv))
+    if use_bias:
+        conv.bias[...] = reference.bias[...] = jnp.arange(5.0)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+    chex.assert_trees_all_close(conv(x), reference(x), rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m) for m in (conv, reference)]
+    chex.assert_trees_all_close(nnx.state(grads[0]), nnx.state(grads[1]), rtol=1e-5, atol=1e-5)
 
 
 def test_batch_statistics_update_only_in_train_mode():
