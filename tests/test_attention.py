@@ -257,19 +257,23 @@ def test_implementations_listed():
 
 CHUNKING = {
     # (implementation, module, {constant: value}): force each way an implementation splits
-    # a batch, and "tiled" into many small, overhanging tiles.
+    # a batch (for tiled and dense: into loop steps of one image or of rows of tiles), and
+    # "tiled" into many small, overhanging tiles.
     "fused-unrolled": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 16}),
     "fused-loop": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 1}),
     "dense-loop": ("dense", "tiled", {"CHUNK_ELEMENTS": 1}),
     "tiled-2x2-loop": ("tiled", "tiled", {"CHUNK_ELEMENTS": 1, "TILE": 2}),
+    # 3 rows of 2x2 tiles, 2 per step: the rows are padded to 4 (an empty row of tiles).
+    "tiled-2x2-padded-rows": ("tiled", "tiled", {"CHUNK_ELEMENTS": 800, "TILE": 2}),
 }
 
 
 @pytest.mark.parametrize("setting", sorted(CHUNKING))
 @pytest.mark.parametrize("border", ["mask", "clamp"])
 def test_batch_chunks_match_reference(setting, border, monkeypatch):
-    """Chunked batches (one image per chunk) give the reference's outputs, weights and
-    gradients, including the gradient through the returned weights."""
+    """Chunked batches give the reference's outputs, weights and gradients: through the
+    output alone (an implementation's own backward pass, where it has one) and through the
+    output and the returned weights."""
     implementation, module_name, constants = CHUNKING[setting]
     module = getattr(sasa_jax.attention, module_name)
     for name, value in constants.items():
@@ -294,6 +298,36 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-3, rtol=1e-3)
 
+    def out_loss(q, k, v, tables):
+        out = local_attention(
+            q, k, v, window=3, border=border, implementation=implementation, **tables
+        )
+        return jnp.sum(out * out_cot)
+
+    def ref_out_loss(q, k, v, tables):
+        return jnp.sum(reference_attention(q, k, v, window=3, border=border, **tables)[0] * out_cot)
+
+    chex.assert_trees_all_close(
+        jax.grad(out_loss, argnums=(0, 1, 2, 3))(q, k, v, tables),
+        jax.grad(ref_out_loss, argnums=(0, 1, 2, 3))(q, k, v, tables),
+        atol=1e-3,
+        rtol=1e-3,
+    )
+
+
+def test_tiled_steps_pad_rows_of_tiles(monkeypatch):
+    """The step sizing behind "tiled-2x2-padded-rows": 3 rows of 2x2 tiles of a 5x6 map,
+    2 rows per step, padded to 4 rows; whole images per step when an image fits."""
+    from sasa_jax.attention import axis_window, tiled
+
+    rows, cols = axis_window(5, 3, 1, "mask"), axis_window(6, 3, 1, "mask")
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 800)
+    p = tiled.plan(rows, cols, 2, batch=3, heads=2)
+    assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (1, 2, 4, 6)
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 3 * 3 * 384)
+    p = tiled.plan(rows, cols, 2, batch=3, heads=2)
+    assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (3, 3, 3, 1)
+
 
 def test_auto_picks_by_map_size_and_takes_new_rules():
     from sasa_jax.attention import add_auto_rule, auto_choice, axis_window
@@ -304,14 +338,14 @@ def test_auto_picks_by_map_size_and_takes_new_rules():
     assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="cpu") == "dense"
     assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="cpu") == "dense"
     assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="cpu") == "tiled"
-    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="cpu") == "fused"
+    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="cpu") == "tiled"
     # GPU: dense only where the map fits in one window (measured on an H100).
     assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="gpu") == "dense"
     assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="gpu") == "tiled"
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="gpu") == "fused"
     # A later kernel registers a rule for its backend; unregistered names are skipped.
     add_auto_rule("test-backend", "no-such-kernel", lambda *_: True)
-    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "fused"
+    assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "tiled"
     add_auto_rule("test-backend", "gather", lambda shape, rows, cols: rows.size == 56)
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "gather"
     assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="test-backend") == "tiled"

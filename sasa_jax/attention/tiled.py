@@ -10,7 +10,13 @@ HaloNet's blocking made exact for every border.
 - "tiled": ``TILE``×``TILE`` query tiles with a halo, (TILE+k-1)²/TILE² times the useful work
   on large maps.
 
-Batched matmuls are what XLA's CPU backend runs fastest, so the wasted work is cheap there.
+The work runs in a loop. A step takes some rows of tiles of one image, or whole images, up to
+``step_elements()`` logits, so on CPU a step's logits stay in cache. The forward pass keeps
+only the output and the log-sum-exp. The backward pass (a ``custom_vjp``) loops over the same
+steps once, recomputing the logits flash-attention style: ``dq`` and the relative tables'
+gradients come from the query side, and ``dk`` and ``dv`` per key halo, added up where halos
+overlap as sums of shifted slices. Nothing is scattered, and autodiff's halo transposes and
+saved logits are gone.
 """
 
 from __future__ import annotations
@@ -24,33 +30,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention.api import Implementation, register, softmax_dtype
-from sasa_jax.attention.chunks import batch_chunk, map_chunks
 from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
 
-# Query tile of "tiled" along each axis.
+# Query (and key) tile of "tiled" along each axis.
 TILE = 4
 
-# Largest logits tensor (elements) one chunk of the batch may make; chunks run in a loop and
-# are rematerialised in the backward pass, so only one chunk's logits are alive at a time.
+# Largest logits tensor (elements) one loop step may make on CPU (2 MiB in float32, the size
+# of a core's L2 cache here); at least one row of tiles of one image goes into a step.
 CHUNK_ELEMENTS = 2**19
+
+# The same on GPU and TPU, where each step costs kernel launches rather than cache misses.
+# Not measured with this code: the H100 numbers in the README are for the previous version,
+# which ran one image per step.
+ACCELERATOR_CHUNK_ELEMENTS = 2**22
+
+
+def step_elements(backend: str | None = None) -> int:
+    """The logits budget of one loop step on ``backend`` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    return CHUNK_ELEMENTS if backend == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AxisTiles:
-    """Tiles of queries and their key halos along one axis.
+    """Tiles of queries along one axis and, for each, the halo of keys their windows reach.
 
     Attributes:
-      tile: queries per tile; ``tiles * tile >= size`` (the last tile may overhang).
+      tile: positions per tile; ``tiles * tile >= size`` (the last tile may overhang).
       tiles: number of tiles.
       halo: keys per tile.
-      pad_before, pad_after: zeros added to the keys so every halo is a slice.
-      rel: ``[tiles, tile, halo]`` int, the relative-table row of halo key ``m`` for query
-        ``a`` of tile ``i``, or -1 when the key is not in that query's window.
-      tap_key: ``[size, window]`` int, the halo index of tap ``t`` of query ``y``.
-      tap_valid: ``[size, window]`` bool, the tap is a key (False: outside the image under
-        border "mask", weight 0).
+      pad_before, pad_after: zeros added to the keys' axis so every halo is a slice.
+      rel: ``[tiles, tile, halo]`` int, the relative-table row of the pair (tile position
+        ``a`` of tile ``i``, halo position ``m``), or -1 when they are not a pair.
     """
 
     tile: int
@@ -59,145 +72,392 @@ class AxisTiles:
     pad_before: int
     pad_after: int
     rel: np.ndarray
-    tap_key: np.ndarray
-    tap_valid: np.ndarray
 
 
-def axis_tiles(win: AxisWindow, tile: int) -> AxisTiles:
-    """The tiles of one axis; see ``AxisTiles``. Taps outside the image are zero keys of the
-    padding under "zeros" and are left out under "mask"."""
-    tile = min(tile, win.size)
-    tiles = math.ceil(win.size / tile)
-    queries = np.arange(win.size)
-    start = (queries // tile) * tile  # first query of each query's tile
-    member = np.ones_like(win.valid) if win.border == "zeros" else win.valid
-    offset = win.position - start[:, None]  # key position relative to the tile start
-    lo = int(min(0, offset[member].min()))
-    hi = int(max(tile - 1, offset[member].max()))
+def _tile_pairs(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    rel: np.ndarray,
+    size: int,
+    tile: int,
+    min_tiles: int = 1,
+) -> AxisTiles:
+    """Tiles over the query positions (``[0, size)``) of a list of (query, key, relative row)
+    pairs; keys outside ``[0, size)`` are zero padding. At least ``min_tiles`` tiles (the
+    extra ones hold no pairs)."""
+    tile = min(tile, size)
+    tiles = max(math.ceil(size / tile), min_tiles)
+    offset = keys - (queries // tile) * tile  # the key relative to its query tile's start
+    lo = int(min(0, offset.min()))
+    hi = int(max(tile - 1, offset.max()))
     halo = hi - lo + 1
-    pad_before = -lo
-    pad_after = max(0, (tiles - 1) * tile + hi - (win.size - 1))
-    rel = np.full((tiles, tile, halo), -1, dtype=np.int32)
-    tap_key = np.clip(offset - lo, 0, halo - 1).astype(np.int32)
-    for y in range(win.size):
-        for t in np.flatnonzero(member[y]):
-            rel[y // tile, y % tile, tap_key[y, t]] = win.rel_index[y, t]
-    # Queries of an overhanging last tile see their own (zero) key, to keep the softmax finite.
-    for a in range(win.size - (tiles - 1) * tile, tile):
-        rel[-1, a, a - lo] = 0
-    return AxisTiles(tile, tiles, halo, pad_before, pad_after, rel, tap_key, member)
+    table = np.full((tiles, tile, halo), -1, dtype=np.int32)
+    table[queries // tile, queries % tile, offset - lo] = rel
+    pad_after = max(0, (tiles - 1) * tile + hi - (size - 1))
+    return AxisTiles(tile, tiles, halo, -lo, pad_after, table)
+
+
+def _member_taps(win: AxisWindow) -> np.ndarray:
+    """``[size, window]`` bool: the tap takes part in the softmax (every tap under "zeros",
+    whose outside taps are zero keys; only those inside the image otherwise)."""
+    return np.ones_like(win.valid) if win.border == "zeros" else win.valid
+
+
+def query_tiles(win: AxisWindow, tile: int, min_tiles: int = 1) -> AxisTiles:
+    """Tiles of queries, each with the halo of keys its windows reach."""
+    member = _member_taps(win)
+    queries = np.broadcast_to(np.arange(win.size)[:, None], member.shape)
+    args = (queries[member], win.position[member], win.rel_index[member], win.size)
+    tiles = _tile_pairs(*args, tile, min_tiles)
+    # Query positions past the image see their own (zero) key, to keep the softmax finite.
+    for position in range(win.size, tiles.tiles * tiles.tile):
+        a = position % tiles.tile
+        tiles.rel[position // tiles.tile, a, a + tiles.pad_before] = 0
+    return tiles
+
+
+def tap_keys(win: AxisWindow, tiles: AxisTiles) -> np.ndarray:
+    """``[size, window]`` int: the halo index of tap ``t`` of query ``y`` (clipped)."""
+    start = (np.arange(win.size) // tiles.tile) * tiles.tile
+    offset = win.position - start[:, None] + tiles.pad_before
+    return np.clip(offset, 0, tiles.halo - 1).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything static about one geometry, tile size and batch (cached; hashed by identity).
+
+    A loop step covers ``images`` images times ``rows`` tile rows; ``steps`` of them cover
+    the batch. The row tiles are padded to a multiple of ``rows``.
+    """
+
+    rows: AxisWindow
+    cols: AxisWindow
+    q_rows: AxisTiles
+    q_cols: AxisTiles
+    images: int
+    tile_rows: int
+    steps: int
+
+    @property
+    def row_steps(self) -> int:
+        return self.q_rows.tiles // self.tile_rows
+
+
+def _step_size(tile_rows: int, per_row: int, batch: int, budget: int) -> tuple[int, int]:
+    """``(images, rows)`` per step: as many tile rows as fit in ``budget`` logits (in as few
+    steps, with as little padding as possible), and whole images when one image fits."""
+    most = max(1, min(tile_rows, budget // per_row))
+    steps = math.ceil(tile_rows / most)
+    rows = math.ceil(tile_rows / steps)
+    if rows < tile_rows:
+        return 1, rows
+    per_image = tile_rows * per_row
+    fits = [n for n in range(1, batch + 1) if batch % n == 0 and n * per_image <= budget]
+    return max(fits, default=1), rows
 
 
 @functools.lru_cache(maxsize=256)
-def _tiles(rows_key: tuple, cols_key: tuple, tile: int | None) -> tuple[AxisTiles, AxisTiles]:
+def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget: int) -> Plan:
     rows, cols = axis_window(*rows_key), axis_window(*cols_key)
-    return (
-        axis_tiles(rows, tile or rows.size),
-        axis_tiles(cols, tile or cols.size),
+    tr, tc = tile or rows.size, tile or cols.size
+    q_rows, q_cols = query_tiles(rows, tr), query_tiles(cols, tc)
+    per_row = q_cols.tiles * heads * q_rows.tile * q_cols.tile * q_rows.halo * q_cols.halo
+    images, tile_rows = _step_size(q_rows.tiles, per_row, batch, budget)
+    padded = math.ceil(q_rows.tiles / tile_rows) * tile_rows
+    return Plan(
+        rows,
+        cols,
+        query_tiles(rows, tr, padded),
+        q_cols,
+        images,
+        tile_rows,
+        batch // images * (padded // tile_rows),
     )
 
 
-def tiles(rows: AxisWindow, cols: AxisWindow, tile: int | None) -> tuple[AxisTiles, AxisTiles]:
-    """Row and column tiles (cached per geometry); ``tile=None``: one tile per axis."""
-    return _tiles(rows.spec, cols.spec, tile)
+def plan(rows: AxisWindow, cols: AxisWindow, tile: int | None, batch: int, heads: int) -> Plan:
+    """The tiles and loop steps of a geometry (cached); ``tile=None``: one tile per axis."""
+    return _plan(rows.spec, cols.spec, tile, batch, heads, step_elements())
 
 
-def _query_tiles(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """``[b, H, W, h, d]`` -> ``[b, Tr, Tc, h, tr*tc, d]`` (overhang zero-padded)."""
-    b, height, width, heads, dim = x.shape
-    pads = ((0, 0), (0, rt.tiles * rt.tile - height), (0, ct.tiles * ct.tile - width))
-    x = jnp.pad(x, pads + ((0, 0), (0, 0)))
-    x = x.reshape(b, rt.tiles, rt.tile, ct.tiles, ct.tile, heads, dim)
-    return x.transpose(0, 1, 3, 5, 2, 4, 6).reshape(b, rt.tiles, ct.tiles, heads, -1, dim)
+# ---------------------------------------------------------------------------------------------
+# Layout: whole arrays <-> one loop step's tiles and halos.
 
 
-def _from_query_tiles(x: Array, rt: AxisTiles, ct: AxisTiles, height: int, width: int):
-    """The inverse of ``_query_tiles``: ``[b, Tr, Tc, h, tr*tc, d]`` -> ``[b, H, W, h, d]``."""
-    b, _, _, heads, _, dim = x.shape
-    x = x.reshape(b, rt.tiles, ct.tiles, heads, rt.tile, ct.tile, dim)
-    x = x.transpose(0, 1, 4, 2, 5, 3, 6).reshape(b, rt.tiles * rt.tile, -1, heads, dim)
-    return x[:, :height, :width]
+def _grid(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """``[b, H, W, ...]`` -> ``[b, Tr*tr, Tc*tc, ...]``, zero-padded to whole tiles."""
+    pads = [(0, 0), (0, rt.tiles * rt.tile - x.shape[1]), (0, ct.tiles * ct.tile - x.shape[2])]
+    return jnp.pad(x, pads + [(0, 0)] * (x.ndim - 3))
 
 
-def _halos(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """``[b, H, W, h, d]`` keys -> ``[b, Tr, Tc, h, halo_r*halo_c, d]`` halo tiles."""
-    pads = ((0, 0), (rt.pad_before, rt.pad_after), (ct.pad_before, ct.pad_after))
-    x = jnp.pad(x, pads + ((0, 0), (0, 0)))
-    rows = jnp.stack([x[:, i * rt.tile : i * rt.tile + rt.halo] for i in range(rt.tiles)], 1)
-    both = jnp.stack(
-        [rows[:, :, :, j * ct.tile : j * ct.tile + ct.halo] for j in range(ct.tiles)], 2
-    )  # [b, Tr, Tc, halo_r, halo_c, h, d]
-    b, tr, tc, hr, hc, heads, dim = both.shape
-    return both.transpose(0, 1, 2, 5, 3, 4, 6).reshape(b, tr, tc, heads, hr * hc, dim)
+def _halo_grid(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """``[b, H, W, ...]`` keys -> zero-padded so that every halo is a slice."""
+    pads = [(0, 0), (rt.pad_before, rt.pad_after), (ct.pad_before, ct.pad_after)]
+    return jnp.pad(x, pads + [(0, 0)] * (x.ndim - 3))
 
 
-def _relative(q_half: Array, table: Array, rel: np.ndarray, axis: str, dtype) -> Array:
-    """``q_half · table[rel]`` for every query and halo key position along one axis:
-    ``q_half: [b, Tr, Tc, h, tr, tc, d/2]`` -> ``[b, Tr, Tc, h, tr, tc, halo]`` (0 where
-    ``rel`` is -1; those keys are masked)."""
-    per_row = jnp.einsum(
-        "...d,rd->...r", q_half, table.astype(q_half.dtype), preferred_element_type=dtype
-    )
-    index = np.maximum(rel, 0)  # [tiles, tile, halo]
-    if axis == "rows":
-        index = index[None, :, None, None, :, None, :]
-    else:
-        index = index[None, None, :, None, None, :, :]
-    return jnp.take_along_axis(per_row, jnp.asarray(index), axis=-1)
+def _slab(grid: Array, step: Array, p: Plan, rt: AxisTiles, height: int) -> Array:
+    """The ``[images, height, W, ...]`` rows of ``grid`` that loop step ``step`` reads."""
+    image = step // p.row_steps * p.images
+    row = step % p.row_steps * p.tile_rows * rt.tile
+    start = (image, row) + (0,) * (grid.ndim - 2)
+    return jax.lax.dynamic_slice(grid, start, (p.images, height) + grid.shape[2:])
 
 
-def _attend(q, k, v, *, rel_row, rel_col, rt: AxisTiles, ct: AxisTiles, return_weights):
-    """One chunk of the batch; returns ``out`` and the halo weights (or None)."""
-    b, height, width, heads, dim = q.shape
-    dtype = softmax_dtype(q.dtype)
-    q_t = _query_tiles(q, rt, ct)
-    logits = jnp.einsum(
-        "bijhnd,bijhmd->bijhnm", q_t, _halos(k, rt, ct), preferred_element_type=dtype
-    )
-    shape = (b, rt.tiles, ct.tiles, heads, rt.tile, ct.tile, rt.halo, ct.halo)
-    logits = logits.reshape(shape)
-    if rel_row is not None:
-        half = dim // 2
-        q_grid = q_t.reshape(*shape[:6], dim)
-        by_row = _relative(q_grid[..., :half], rel_row, rt.rel, "rows", dtype)
-        by_col = _relative(q_grid[..., half:], rel_col, ct.rel, "cols", dtype)
-        logits = logits + by_row[..., :, None] + by_col[..., None, :]
-    member = (rt.rel >= 0)[:, None, None, :, None, :, None] & (ct.rel >= 0)[
-        None, :, None, None, :, None, :
+def _step_tiles(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """A step's tiles ``[J, h, tr*tc, e]`` (``J = images*rows*Tc``) of a ``_grid``."""
+    slab = _slab(grid, step, p, rt, p.tile_rows * rt.tile)
+    n, _, _, heads, e = slab.shape
+    x = slab.reshape(n, p.tile_rows, rt.tile, ct.tiles, ct.tile, heads, e)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(n * p.tile_rows * ct.tiles, heads, rt.tile * ct.tile, e)
+
+
+def _step_halos(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """A step's halos ``[J, h, halo_r*halo_c, e]`` of a ``_halo_grid``."""
+    slab = _slab(grid, step, p, rt, (p.tile_rows - 1) * rt.tile + rt.halo)
+    parts = [
+        slab[:, g * rt.tile : g * rt.tile + rt.halo, j * ct.tile : j * ct.tile + ct.halo]
+        for g in range(p.tile_rows)
+        for j in range(ct.tiles)
     ]
-    logits = jnp.where(jnp.asarray(member), logits, -jnp.inf)
-    weights = jax.nn.softmax(logits.reshape(*shape[:4], rt.tile * ct.tile, -1), axis=-1)
-    out = jnp.einsum(
-        "bijhnm,bijhmd->bijhnd",
-        weights.astype(v.dtype),
-        _halos(v, rt, ct),
-        preferred_element_type=jnp.promote_types(v.dtype, dtype),
+    x = jnp.stack(parts, axis=1)  # [images, rows*Tc, halo_r, halo_c, h, e]
+    n, tiles, hr, hc, heads, e = x.shape
+    return x.transpose(0, 1, 4, 2, 3, 5).reshape(n * tiles, heads, hr * hc, e)
+
+
+def _step_tables(step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> tuple[Array, Array]:
+    """The relative rows of a step's tiles: ``[J, tr, halo_r]`` and ``[J, tc, halo_c]``."""
+    by_step = jnp.asarray(rt.rel.reshape(p.row_steps, p.tile_rows, rt.tile, rt.halo))
+    row = jnp.broadcast_to(
+        by_step[step % p.row_steps][None, :, None],
+        (p.images, p.tile_rows, ct.tiles, rt.tile, rt.halo),
     )
-    out = _from_query_tiles(out, rt, ct, height, width).astype(v.dtype)
-    if not return_weights:
-        return out
-    return out, _tap_weights(weights, rt, ct, height, width)
+    col = np.broadcast_to(ct.rel, (p.images, p.tile_rows) + ct.rel.shape)
+    return row.reshape(-1, rt.tile, rt.halo), jnp.asarray(col.reshape(-1, ct.tile, ct.halo))
 
 
-def _tap_weights(weights: Array, rt: AxisTiles, ct: AxisTiles, height: int, width: int):
-    """Halo weights ``[b, Tr, Tc, h, tr*tc, halo]`` -> ``[b, H, W, h, kh*kw]`` (0 if masked)."""
-    grid = _from_query_tiles(weights, rt, ct, height, width)  # [b, H, W, h, halo_r*halo_c]
-    flat = rt.tap_key[:, None, :, None] * ct.halo + ct.tap_key[None, :, None, :]
-    flat = flat.reshape(height, width, 1, -1)
+def _untile_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """The inverse of ``_step_tiles``: ``[J, h, tr*tc, e]`` ->
+    ``[images, rows*tr, Tc*tc, h, e]``."""
+    _, heads, _, e = x.shape
+    x = x.reshape(p.images, p.tile_rows, ct.tiles, heads, rt.tile, ct.tile, e)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6)
+    return x.reshape(p.images, p.tile_rows * rt.tile, ct.tiles * ct.tile, heads, e)
+
+
+def _unstep(x: Array, p: Plan) -> Array:
+    """Stacked ``_untile_step`` outputs ``[steps, images, rows*tr, W', ...]`` ->
+    ``[b, Tr*tr, W', ...]`` (a reshape: a step holds whole images or one image's rows)."""
+    x = x.reshape(-1, p.row_steps, p.images, *x.shape[2:])
+    x = jnp.swapaxes(x, 1, 2)
+    return x.reshape(-1, p.row_steps * x.shape[3], *x.shape[4:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits of one step.
+
+
+def _rel_rows(table: Array, index: Array, dtype) -> Array:
+    """The table rows ``[..., e]`` at ``index`` (row 0 where it is -1; those are masked)."""
+    return jnp.take(table.astype(dtype), jnp.maximum(index, 0), axis=0)
+
+
+def _mask(logits: Array, row_rel: Array, col_rel: Array) -> Array:
+    """``[J, h, tr, tc, halo_r, halo_c]`` logits, -inf where the tables say "no pair"."""
+    member = (row_rel >= 0)[:, None, :, None, :, None] & (col_rel >= 0)[:, None, None, :, None, :]
+    return jnp.where(member, logits, -jnp.inf)
+
+
+def _query_logits(q_t, k_halo, rel, tables, rt: AxisTiles, ct: AxisTiles, dtype):
+    """``[J, h, tr*tc, halo]`` logits of a step's query tiles, -inf outside the windows."""
+    n_tiles, heads, _, dim = q_t.shape
+    logits = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
+    shape = (n_tiles, heads, rt.tile, ct.tile, rt.halo, ct.halo)
+    logits = logits.reshape(shape)
+    row_rel, col_rel = tables
+    if rel:
+        half = dim // 2
+        q_grid = q_t.reshape(*shape[:4], dim)
+        row_emb = _rel_rows(rel[0], row_rel, q_t.dtype)  # [J, tr, halo_r, e]
+        col_emb = _rel_rows(rel[1], col_rel, q_t.dtype)  # [J, tc, halo_c, e]
+        by_row = jnp.einsum(
+            "jhabe,jame->jhabm", q_grid[..., :half], row_emb, preferred_element_type=dtype
+        )
+        by_col = jnp.einsum(
+            "jhabe,jbme->jhabm", q_grid[..., half:], col_emb, preferred_element_type=dtype
+        )
+        logits = logits + by_row[..., :, None] + by_col[..., None, :]
+    logits = _mask(logits, row_rel, col_rel)
+    return logits.reshape(n_tiles, heads, rt.tile * ct.tile, rt.halo * ct.halo)
+
+
+def _loop(body, steps: int):
+    """Stacks ``body(step)`` over ``steps`` (a loop, so one step's logits are alive at once)."""
+    if steps == 1:
+        return jax.tree.map(lambda x: x[None], body(jnp.asarray(0, jnp.int32)))
+    return jax.lax.map(body, jnp.arange(steps, dtype=jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# The three passes.
+
+
+def _forward(q, k, v, rel, p: Plan, with_weights: bool):
+    """Output ``[b, H', W', h, dv]``, log-sum-exp ``[b, H', W', h]`` on the tile grid, and
+    the halo weights ``[b, H', W', h, halo]`` (or None)."""
+    rt, ct = p.q_rows, p.q_cols
+    dtype = softmax_dtype(q.dtype)
+    q_grid = _grid(q, rt, ct)
+    k_grid, v_grid = _halo_grid(k, rt, ct), _halo_grid(v, rt, ct)
+
+    def body(step):
+        q_t = _step_tiles(q_grid, step, p, rt, ct)
+        k_halo = _step_halos(k_grid, step, p, rt, ct)
+        v_halo = _step_halos(v_grid, step, p, rt, ct)
+        tables = _step_tables(step, p, rt, ct)
+        logits = _query_logits(q_t, k_halo, rel, tables, rt, ct, dtype)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        exps = jnp.exp(logits - top)
+        total = jnp.sum(exps, axis=-1, keepdims=True)
+        acc = jnp.promote_types(v.dtype, dtype)
+        out = jnp.einsum(
+            "jhnm,jhmd->jhnd", exps.astype(v.dtype), v_halo, preferred_element_type=acc
+        )
+        weights = _untile_step(exps / total, p, rt, ct) if with_weights else None
+        out = _untile_step((out / total).astype(v.dtype), p, rt, ct)
+        return out, _untile_step(top + jnp.log(total), p, rt, ct)[..., 0], weights
+
+    if with_weights:
+        body = jax.checkpoint(body)
+    out, lse, weights = _loop(body, p.steps)
+    weights = None if weights is None else _unstep(weights, p)
+    return _unstep(out, p), _unstep(lse, p), weights
+
+
+def _fold_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """Adds up a step's per-halo contributions ``[J, h, e, halo_r*halo_c]`` where the halos
+    overlap: ``[images, (rows-1)*tr + halo_r, W_halo, h, e]``, the step's slab of the
+    ``_halo_grid``. Sums of shifted slices (``ceil(halo/tile)`` per axis): nothing is
+    scattered."""
+    _, heads, e, _ = x.shape
+    s_r, s_c = math.ceil(rt.halo / rt.tile), math.ceil(ct.halo / ct.tile)
+    width = (ct.tiles + s_c - 1) * ct.tile
+    x = x.reshape(p.images, p.tile_rows, ct.tiles, heads, e, rt.halo, ct.halo)
+    pads = [(0, s_r * rt.tile - rt.halo), (0, s_c * ct.tile - ct.halo)]
+    x = jnp.pad(x, [(0, 0)] * 5 + pads)
+    x = x.reshape(p.images, p.tile_rows, ct.tiles, heads, e, s_r * rt.tile, s_c, ct.tile)
+    columns = 0
+    for s in range(s_c):
+        part = x[..., s, :].transpose(0, 1, 5, 2, 6, 3, 4)  # [I, G, S_r*tr, Tc, tc, h, e]
+        part = part.reshape(*part.shape[:3], ct.tiles * ct.tile, heads, e)
+        after = width - (ct.tiles + s) * ct.tile
+        columns = columns + jnp.pad(part, [(0, 0)] * 3 + [(s * ct.tile, after), (0, 0), (0, 0)])
+    columns = columns.reshape(p.images, p.tile_rows, s_r, rt.tile, width, heads, e)
+    rows = 0
+    for s in range(s_r):
+        pads = [(0, 0), (s, s_r - 1 - s)] + [(0, 0)] * 4
+        rows = rows + jnp.pad(columns[:, :, s], pads)
+    rows = rows.reshape(p.images, -1, width, heads, e)  # the rest is zero padding:
+    return rows[:, : (p.tile_rows - 1) * rt.tile + rt.halo, : (ct.tiles - 1) * ct.tile + ct.halo]
+
+
+def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
+    """``(dq, dk, dv, d_rel)`` in one loop over the forward's steps, recomputing the logits.
+    ``dk`` and ``dv`` come per key halo and are added up where the halos overlap."""
+    rt, ct = p.q_rows, p.q_cols
+    dtype = softmax_dtype(q.dtype)
+    q_grid, d_grid = _grid(q, rt, ct), _grid(d_out, rt, ct)
+    lse_grid, delta_grid = lse[..., None], _grid(delta[..., None], rt, ct)
+    k_grid, v_grid = _halo_grid(k, rt, ct), _halo_grid(v, rt, ct)
+    height, width = k_grid.shape[1:3]
+    acc = jnp.promote_types(k.dtype, dtype)
+    grads = (
+        jnp.zeros((q.shape[0], height, width, q.shape[3], k.shape[-1]), acc),
+        jnp.zeros((q.shape[0], height, width, q.shape[3], v.shape[-1]), acc),
+    )
+
+    def body(grads, step):
+        q_t = _step_tiles(q_grid, step, p, rt, ct)
+        d_t = _step_tiles(d_grid, step, p, rt, ct).astype(dtype)
+        lse_t = _step_tiles(lse_grid, step, p, rt, ct)
+        delta_t = _step_tiles(delta_grid, step, p, rt, ct)
+        k_halo = _step_halos(k_grid, step, p, rt, ct)
+        v_halo = _step_halos(v_grid, step, p, rt, ct)
+        tables = _step_tables(step, p, rt, ct)
+        logits, vjp = jax.vjp(
+            lambda q_t, rel: _query_logits(q_t, k_halo, rel, tables, rt, ct, dtype), q_t, rel
+        )
+        probs = jnp.exp(logits - lse_t)
+        d_probs = jnp.einsum("jhnd,jhmd->jhnm", d_t, v_halo, preferred_element_type=dtype)
+        d_logits = probs * (d_probs - delta_t)
+        d_q, d_rel = vjp(d_logits)
+        # [J, h, e, halo]: queries-major operands, so both are plain matmuls.
+        q_major, d_major = jax.lax.optimization_barrier(
+            (jnp.swapaxes(q_t, 2, 3).astype(dtype), jnp.swapaxes(d_t, 2, 3))
+        )
+        d_k = jnp.einsum("jhen,jhnm->jhem", q_major, d_logits)
+        d_v = jnp.einsum("jhen,jhnm->jhem", d_major, probs)
+        start = (step // p.row_steps * p.images, step % p.row_steps * p.tile_rows * rt.tile)
+        new = []
+        for total, part in zip(grads, (d_k, d_v), strict=True):
+            slab = _fold_step(part.astype(acc), p, rt, ct)
+            index = start + (0, 0, 0)
+            old = jax.lax.dynamic_slice(total, index, slab.shape)
+            new.append(jax.lax.dynamic_update_slice(total, old + slab, index))
+        return tuple(new), (_untile_step(d_q, p, rt, ct), d_rel)
+
+    (d_k, d_v), (d_q, d_rel) = jax.lax.scan(body, grads, jnp.arange(p.steps, dtype=jnp.int32))
+    d_q = _unstep(d_q, p)[:, : q.shape[1], : q.shape[2]]
+    rows = slice(rt.pad_before, rt.pad_before + k.shape[1])
+    cols = slice(ct.pad_before, ct.pad_before + k.shape[2])
+    return d_q, d_k[:, rows, cols], d_v[:, rows, cols], jax.tree.map(lambda g: g.sum(0), d_rel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, rel, p: Plan):
+    out, _, _ = _forward(q, k, v, rel, p, with_weights=False)
+    return out[:, : q.shape[1], : q.shape[2]]
+
+
+def _attend_fwd(q, k, v, rel, p: Plan):
+    out, lse, _ = _forward(q, k, v, rel, p, with_weights=False)
+    out = out[:, : q.shape[1], : q.shape[2]]
+    return out, (q, k, v, rel, out, lse)
+
+
+def _attend_bwd(p: Plan, residuals, d_out):
+    q, k, v, rel, out, lse = residuals
+    dtype = softmax_dtype(q.dtype)
+    delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1)  # [b, H, W, h]
+    d_q, d_k, d_v, d_rel = _backward_pass(q, k, v, rel, d_out, lse, delta, p)
+    d_rel = jax.tree.map(lambda g, t: g.astype(t.dtype), d_rel, rel)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_rel
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _tap_weights(weights: Array, p: Plan) -> Array:
+    """Halo weights ``[b, H', W', h, halo]`` -> ``[b, H, W, h, kh*kw]`` (0 if masked)."""
+    rows, cols = p.rows, p.cols
+    grid = weights[:, : rows.size, : cols.size]
+    tap_r, tap_c = tap_keys(rows, p.q_rows), tap_keys(cols, p.q_cols)
+    flat = tap_r[:, None, :, None] * p.q_cols.halo + tap_c[None, :, None, :]
+    flat = flat.reshape(rows.size, cols.size, 1, -1)
     picked = jnp.take_along_axis(grid, jnp.asarray(flat)[None], axis=-1)
-    valid = rt.tap_valid[:, None, :, None] & ct.tap_valid[None, :, None, :]
-    return jnp.where(jnp.asarray(valid.reshape(height, width, 1, -1)), picked, 0)
+    valid = _member_taps(rows)[:, None, :, None] & _member_taps(cols)[None, :, None, :]
+    return jnp.where(jnp.asarray(valid.reshape(rows.size, cols.size, 1, -1)), picked, 0)
 
 
 def _run(q, k, v, rel_row, rel_col, rows, cols, return_weights, tile: int | None):
-    rt, ct = tiles(rows, cols, tile)
-    b, _, _, heads, _ = q.shape
-    per_image = heads * rt.tiles * ct.tiles * rt.tile * ct.tile * rt.halo * ct.halo
-    chunk = batch_chunk(b, per_image, CHUNK_ELEMENTS)
-    attend = functools.partial(
-        _attend, rel_row=rel_row, rel_col=rel_col, rt=rt, ct=ct, return_weights=return_weights
-    )
-    return map_chunks(attend, (q, k, v), chunk, max_unrolled=0, remat=True)
+    p = plan(rows, cols, tile, batch=q.shape[0], heads=q.shape[3])
+    rel = () if rel_row is None else (rel_row, rel_col)
+    if not return_weights:
+        return _attend(q, k, v, rel, p)
+    out, _, weights = _forward(q, k, v, rel, p, with_weights=True)
+    return out[:, : rows.size, : cols.size], _tap_weights(weights, p)
 
 
 def dense_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
@@ -213,4 +473,12 @@ def tiled_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
 register(Implementation("dense", dense_attention))
 register(Implementation("tiled", tiled_attention))
 
-__all__ = ["CHUNK_ELEMENTS", "TILE", "axis_tiles", "dense_attention", "tiled_attention", "tiles"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "TILE",
+    "dense_attention",
+    "plan",
+    "query_tiles",
+    "step_elements",
+    "tiled_attention",
+]
