@@ -138,6 +138,9 @@ class Plan:
     images: int
     tile_rows: int
     steps: int
+    bias: np.ndarray
+    row_index: np.ndarray
+    col_index: np.ndarray
 
     @property
     def row_steps(self) -> int:
@@ -165,14 +168,46 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
     per_row = q_cols.tiles * heads * q_rows.tile * q_cols.tile * q_rows.halo * q_cols.halo
     images, tile_rows = _step_size(q_rows.tiles, per_row, batch, budget)
     padded = math.ceil(q_rows.tiles / tile_rows) * tile_rows
+    q_rows = query_tiles(rows, tr, padded)
     return Plan(
         rows,
         cols,
-        query_tiles(rows, tr, padded),
+        q_rows,
         q_cols,
         images,
         tile_rows,
         batch // images * (padded // tile_rows),
+        *_step_tables(q_rows, q_cols, images, tile_rows),
+    )
+
+
+def _step_tables(rt: AxisTiles, ct: AxisTiles, images: int, tile_rows: int):
+    """Per-step tables over a step's tiles ``J = images*rows*Tc`` and queries ``n = (a, b)``:
+
+    - bias ``[row_steps, J, 1, n, halo]`` float32: 0 for the keys of a query's window, -inf
+      for the others;
+    - row_index ``[row_steps, J, 1, n, halo_r]`` int32: the row-table row of each halo row;
+    - col_index ``[J, 1, n, halo_c]`` int32: the column-table row of each halo column
+
+    (indices clipped to 0 where masked)."""
+    row_steps = rt.tiles // tile_rows
+    # [row_steps, rows, Tc, tr, tc, halo_r]
+    rows = rt.rel.reshape(row_steps, tile_rows, 1, rt.tile, 1, rt.halo)
+    rows = np.broadcast_to(rows, (row_steps, tile_rows, ct.tiles, rt.tile, ct.tile, rt.halo))
+    cols = np.broadcast_to(ct.rel[:, None], (ct.tiles, rt.tile, ct.tile, ct.halo))
+    member = (rows[..., :, None] >= 0) & (cols[None, None, ..., None, :] >= 0)
+    shape = (row_steps, 1, tile_rows * ct.tiles, 1, rt.tile * ct.tile)
+    bias = np.where(member, 0.0, -np.inf).astype(np.float32)
+    bias = np.broadcast_to(
+        bias.reshape(*shape, -1), (row_steps, images) + shape[2:] + (bias[0, 0, 0, 0, 0].size,)
+    )
+    row_index = np.maximum(rows, 0).reshape(*shape, rt.halo)
+    row_index = np.broadcast_to(row_index, (row_steps, images) + shape[2:] + (rt.halo,))
+    col_index = np.broadcast_to(np.maximum(cols, 0), (images, tile_rows) + cols.shape)
+    return (
+        np.ascontiguousarray(bias.reshape(row_steps, -1, 1, rt.tile * ct.tile, rt.halo * ct.halo)),
+        np.ascontiguousarray(row_index.reshape(row_steps, -1, 1, rt.tile * ct.tile, rt.halo)),
+        np.ascontiguousarray(col_index.reshape(-1, 1, rt.tile * ct.tile, ct.halo)).astype(np.int32),
     )
 
 
@@ -227,15 +262,14 @@ def _step_halos(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles)
     return x.transpose(0, 1, 4, 2, 3, 5).reshape(n * tiles, heads, hr * hc, e)
 
 
-def _step_tables(step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> tuple[Array, Array]:
-    """The relative rows of a step's tiles: ``[J, tr, halo_r]`` and ``[J, tc, halo_c]``."""
-    by_step = jnp.asarray(rt.rel.reshape(p.row_steps, p.tile_rows, rt.tile, rt.halo))
-    row = jnp.broadcast_to(
-        by_step[step % p.row_steps][None, :, None],
-        (p.images, p.tile_rows, ct.tiles, rt.tile, rt.halo),
+def _tables_of(step: Array, p: Plan) -> tuple[Array, Array, Array]:
+    """A step's ``(bias, row_index, col_index)`` (see ``_step_tables``)."""
+    row_step = step % p.row_steps
+    return (
+        jnp.asarray(p.bias)[row_step],
+        jnp.asarray(p.row_index)[row_step],
+        jnp.asarray(p.col_index),
     )
-    col = np.broadcast_to(ct.rel, (p.images, p.tile_rows) + ct.rel.shape)
-    return row.reshape(-1, rt.tile, rt.halo), jnp.asarray(col.reshape(-1, ct.tile, ct.halo))
 
 
 def _untile_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
@@ -259,38 +293,39 @@ def _unstep(x: Array, p: Plan) -> Array:
 # Logits of one step.
 
 
-def _rel_rows(table: Array, index: Array, dtype) -> Array:
-    """The table rows ``[..., e]`` at ``index`` (row 0 where it is -1; those are masked)."""
-    return jnp.take(table.astype(dtype), jnp.maximum(index, 0), axis=0)
+def _rel_logits(q_t: Array, rel, tables, dtype) -> tuple[Array, Array]:
+    """The relative logits of a step's queries for each halo row and column:
+    ``[J, h, n, halo_r]`` and ``[J, h, n, halo_c]``."""
+    _, row_index, col_index = tables
+    half = q_t.shape[-1] // 2
+    per_row = jnp.einsum(
+        "jhne,re->jhnr", q_t[..., :half], rel[0].astype(q_t.dtype), preferred_element_type=dtype
+    )
+    per_col = jnp.einsum(
+        "jhne,re->jhnr", q_t[..., half:], rel[1].astype(q_t.dtype), preferred_element_type=dtype
+    )
+    by_row = jnp.take_along_axis(per_row, row_index, axis=-1)
+    by_col = jnp.take_along_axis(per_col, col_index, axis=-1)
+    # Materialised: XLA would otherwise redo the gathers for every logit they are added to.
+    return jax.lax.optimization_barrier((by_row, by_col))
 
 
-def _mask(logits: Array, row_rel: Array, col_rel: Array) -> Array:
-    """``[J, h, tr, tc, halo_r, halo_c]`` logits, -inf where the tables say "no pair"."""
-    member = (row_rel >= 0)[:, None, :, None, :, None] & (col_rel >= 0)[:, None, None, :, None, :]
-    return jnp.where(member, logits, -jnp.inf)
+def _logits(dots: Array, by_row: Array | None, by_col: Array | None, bias: Array, rt, ct):
+    """``[J, h, n, halo]`` logits from the q·k products, the relative logits (or None) and
+    the step's mask bias."""
+    if by_row is not None:
+        n_tiles, heads, n, _ = dots.shape
+        dots = dots.reshape(n_tiles, heads, n, rt.halo, ct.halo)
+        dots = dots + by_row[..., :, None] + by_col[..., None, :]
+        dots = dots.reshape(n_tiles, heads, n, rt.halo * ct.halo)
+    return dots + bias
 
 
 def _query_logits(q_t, k_halo, rel, tables, rt: AxisTiles, ct: AxisTiles, dtype):
     """``[J, h, tr*tc, halo]`` logits of a step's query tiles, -inf outside the windows."""
-    n_tiles, heads, _, dim = q_t.shape
-    logits = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
-    shape = (n_tiles, heads, rt.tile, ct.tile, rt.halo, ct.halo)
-    logits = logits.reshape(shape)
-    row_rel, col_rel = tables
-    if rel:
-        half = dim // 2
-        q_grid = q_t.reshape(*shape[:4], dim)
-        row_emb = _rel_rows(rel[0], row_rel, q_t.dtype)  # [J, tr, halo_r, e]
-        col_emb = _rel_rows(rel[1], col_rel, q_t.dtype)  # [J, tc, halo_c, e]
-        by_row = jnp.einsum(
-            "jhabe,jame->jhabm", q_grid[..., :half], row_emb, preferred_element_type=dtype
-        )
-        by_col = jnp.einsum(
-            "jhabe,jbme->jhabm", q_grid[..., half:], col_emb, preferred_element_type=dtype
-        )
-        logits = logits + by_row[..., :, None] + by_col[..., None, :]
-    logits = _mask(logits, row_rel, col_rel)
-    return logits.reshape(n_tiles, heads, rt.tile * ct.tile, rt.halo * ct.halo)
+    dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
+    by_row, by_col = _rel_logits(q_t, rel, tables, dtype) if rel else (None, None)
+    return _logits(dots, by_row, by_col, tables[0], rt, ct)
 
 
 def _loop(body, steps: int):
@@ -316,7 +351,7 @@ def _forward(q, k, v, rel, p: Plan, with_weights: bool):
         q_t = _step_tiles(q_grid, step, p, rt, ct)
         k_halo = _step_halos(k_grid, step, p, rt, ct)
         v_halo = _step_halos(v_grid, step, p, rt, ct)
-        tables = _step_tables(step, p, rt, ct)
+        tables = _tables_of(step, p)
         logits = _query_logits(q_t, k_halo, rel, tables, rt, ct, dtype)
         top = jnp.max(logits, axis=-1, keepdims=True)
         exps = jnp.exp(logits - top)
@@ -385,14 +420,24 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
         delta_t = _step_tiles(delta_grid, step, p, rt, ct)
         k_halo = _step_halos(k_grid, step, p, rt, ct)
         v_halo = _step_halos(v_grid, step, p, rt, ct)
-        tables = _step_tables(step, p, rt, ct)
-        logits, vjp = jax.vjp(
-            lambda q_t, rel: _query_logits(q_t, k_halo, rel, tables, rt, ct, dtype), q_t, rel
-        )
+        tables = _tables_of(step, p)
+        dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
+        d_rel = ()
+        if rel:
+            (by_row, by_col), rel_vjp = jax.vjp(
+                lambda q_t, rel: _rel_logits(q_t, rel, tables, dtype), q_t, rel
+            )
+            logits = _logits(dots, by_row, by_col, tables[0], rt, ct)
+        else:
+            logits = _logits(dots, None, None, tables[0], rt, ct)
         probs = jnp.exp(logits - lse_t)
         d_probs = jnp.einsum("jhnd,jhmd->jhnm", d_t, v_halo, preferred_element_type=dtype)
         d_logits = probs * (d_probs - delta_t)
-        d_q, d_rel = vjp(d_logits)
+        d_q = jnp.einsum("jhnm,jhmd->jhnd", d_logits, k_halo.astype(dtype))
+        if rel:
+            grid = d_logits.reshape(*d_logits.shape[:3], rt.halo, ct.halo)
+            d_q_rel, d_rel = rel_vjp((grid.sum(-1), grid.sum(-2)))
+            d_q = d_q + d_q_rel
         # [J, h, e, halo]: queries-major operands, so both are plain matmuls.
         q_major, d_major = jax.lax.optimization_barrier(
             (jnp.swapaxes(q_t, 2, 3).astype(dtype), jnp.swapaxes(d_t, 2, 3))
