@@ -15,21 +15,16 @@ def batch_chunk(batch: int, per_image: int, max_elements: int) -> int:
     return max(fits, default=1)
 
 
-def map_chunks(
-    fn: Callable, arrays: Sequence, chunk: int, *, max_unrolled: int, remat: bool = False
-):
+def map_chunks(fn: Callable, arrays: Sequence, chunk: int, *, max_unrolled: int):
     """Applies ``fn`` to chunks of the batch (leading) axis of ``arrays`` (None entries pass
     through) and concatenates its outputs.
 
     Up to ``max_unrolled`` chunks become straight-line code; more run in a ``lax.map`` loop,
     which keeps one chunk alive at a time (XLA schedules unrolled chunks side by side).
-    ``remat`` recomputes each chunk in the backward pass instead of saving its internals.
     """
     batch = arrays[0].shape[0]
     if chunk >= batch:
         return fn(*arrays)
-    if remat:
-        fn = jax.checkpoint(fn)
     count = batch // chunk
     if count <= max_unrolled:
         pieces = [

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention.api import Implementation, register, softmax_dtype
+from sasa_jax.attention.chunks import batch_chunk
 from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
@@ -155,9 +156,7 @@ def _step_size(tile_rows: int, per_row: int, batch: int, budget: int) -> tuple[i
     rows = math.ceil(tile_rows / steps)
     if rows < tile_rows:
         return 1, rows
-    per_image = tile_rows * per_row
-    fits = [n for n in range(1, batch + 1) if batch % n == 0 and n * per_image <= budget]
-    return max(fits, default=1), rows
+    return batch_chunk(batch, tile_rows * per_row, budget), rows
 
 
 @functools.lru_cache(maxsize=256)
@@ -191,23 +190,24 @@ def _step_tables(rt: AxisTiles, ct: AxisTiles, images: int, tile_rows: int):
 
     (indices clipped to 0 where masked)."""
     row_steps = rt.tiles // tile_rows
-    # [row_steps, rows, Tc, tr, tc, halo_r]
+    queries = rt.tile * ct.tile
+    # [row_steps, rows, Tc, tr, tc, halo]: each query's row and column table rows.
     rows = rt.rel.reshape(row_steps, tile_rows, 1, rt.tile, 1, rt.halo)
     rows = np.broadcast_to(rows, (row_steps, tile_rows, ct.tiles, rt.tile, ct.tile, rt.halo))
     cols = np.broadcast_to(ct.rel[:, None], (ct.tiles, rt.tile, ct.tile, ct.halo))
-    member = (rows[..., :, None] >= 0) & (cols[None, None, ..., None, :] >= 0)
-    shape = (row_steps, 1, tile_rows * ct.tiles, 1, rt.tile * ct.tile)
+    cols = np.broadcast_to(cols, (row_steps, tile_rows) + cols.shape)
+    member = (rows[..., :, None] >= 0) & (cols[..., None, :] >= 0)
     bias = np.where(member, 0.0, -np.inf).astype(np.float32)
-    bias = np.broadcast_to(
-        bias.reshape(*shape, -1), (row_steps, images) + shape[2:] + (bias[0, 0, 0, 0, 0].size,)
-    )
-    row_index = np.maximum(rows, 0).reshape(*shape, rt.halo)
-    row_index = np.broadcast_to(row_index, (row_steps, images) + shape[2:] + (rt.halo,))
-    col_index = np.broadcast_to(np.maximum(cols, 0), (images, tile_rows) + cols.shape)
+
+    def per_step(x: np.ndarray) -> np.ndarray:
+        """``[row_steps, rows, Tc, tr, tc, ...]`` -> ``[row_steps, J, 1, tr*tc, ...]``."""
+        x = np.broadcast_to(x[:, None], (row_steps, images) + x.shape[1:])
+        return np.ascontiguousarray(x.reshape(row_steps, -1, 1, queries, *x.shape[6:]))
+
     return (
-        np.ascontiguousarray(bias.reshape(row_steps, -1, 1, rt.tile * ct.tile, rt.halo * ct.halo)),
-        np.ascontiguousarray(row_index.reshape(row_steps, -1, 1, rt.tile * ct.tile, rt.halo)),
-        np.ascontiguousarray(col_index.reshape(-1, 1, rt.tile * ct.tile, ct.halo)).astype(np.int32),
+        per_step(bias).reshape(row_steps, -1, 1, queries, rt.halo * ct.halo),
+        per_step(np.maximum(rows, 0)).astype(np.int32),
+        per_step(np.maximum(cols, 0)).astype(np.int32)[0],
     )
 
 
