@@ -139,6 +139,7 @@ class Plan:
     images: int
     tile_rows: int
     steps: int
+    pattern: np.ndarray
     bias: np.ndarray
     row_index: np.ndarray
     col_index: np.ndarray
@@ -176,38 +177,40 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
         images,
         tile_rows,
         batch // images * (padded // tile_rows),
-        *_step_tables(q_rows, q_cols, images, tile_rows),
+        *_step_tables(q_rows, q_cols, tile_rows),
     )
 
 
-def _step_tables(rt: AxisTiles, ct: AxisTiles, images: int, tile_rows: int):
-    """Per-step tables over a step's tiles ``J = images*rows*Tc`` and queries ``n = (a, b)``:
+def _step_tables(rt: AxisTiles, ct: AxisTiles, tile_rows: int):
+    """The tables of one image's part of a step, over its tiles ``J1 = rows*Tc`` and queries
+    ``n = (a, b)``, for each distinct row step (a border row differs; the inner ones repeat):
 
-    - bias ``[row_steps, J, 1, n, halo]`` float32: 0 for the keys of a query's window, -inf
+    - pattern ``[row_steps]`` int32: which distinct tables each row step uses;
+    - bias ``[patterns, J1, 1, n, halo]`` float32: 0 for the keys of a query's window, -inf
       for the others;
-    - row_index ``[row_steps, J, 1, n, halo_r]`` int32: the row-table row of each halo row;
-    - col_index ``[J, 1, n, halo_c]`` int32: the column-table row of each halo column
+    - row_index ``[patterns, J1, 1, n, halo_r]`` int32: the row-table row of each halo row;
+    - col_index ``[J1, 1, n, halo_c]`` int32: the column-table row of each halo column
 
     (indices clipped to 0 where masked)."""
     row_steps = rt.tiles // tile_rows
     queries = rt.tile * ct.tile
-    # [row_steps, rows, Tc, tr, tc, halo]: each query's row and column table rows.
-    rows = rt.rel.reshape(row_steps, tile_rows, 1, rt.tile, 1, rt.halo)
-    rows = np.broadcast_to(rows, (row_steps, tile_rows, ct.tiles, rt.tile, ct.tile, rt.halo))
+    rows_by_step = rt.rel.reshape(row_steps, -1)
+    distinct, first, pattern = np.unique(
+        rows_by_step, axis=0, return_index=True, return_inverse=True
+    )
+    # [patterns, rows, Tc, tr, tc, halo]: each query's row and column table rows.
+    rows = rt.rel.reshape(row_steps, tile_rows, 1, rt.tile, 1, rt.halo)[first]
+    rows = np.broadcast_to(rows, (len(distinct), tile_rows, ct.tiles, rt.tile, ct.tile, rt.halo))
     cols = np.broadcast_to(ct.rel[:, None], (ct.tiles, rt.tile, ct.tile, ct.halo))
-    cols = np.broadcast_to(cols, (row_steps, tile_rows) + cols.shape)
+    cols = np.broadcast_to(cols, (tile_rows,) + cols.shape)
     member = (rows[..., :, None] >= 0) & (cols[..., None, :] >= 0)
     bias = np.where(member, 0.0, -np.inf).astype(np.float32)
-
-    def per_step(x: np.ndarray) -> np.ndarray:
-        """``[row_steps, rows, Tc, tr, tc, ...]`` -> ``[row_steps, J, 1, tr*tc, ...]``."""
-        x = np.broadcast_to(x[:, None], (row_steps, images) + x.shape[1:])
-        return np.ascontiguousarray(x.reshape(row_steps, -1, 1, queries, *x.shape[6:]))
-
+    shape = (len(distinct), tile_rows * ct.tiles, 1, queries)
     return (
-        per_step(bias).reshape(row_steps, -1, 1, queries, rt.halo * ct.halo),
-        per_step(np.maximum(rows, 0)).astype(np.int32),
-        per_step(np.maximum(cols, 0)).astype(np.int32)[0],
+        pattern.reshape(-1).astype(np.int32),
+        np.ascontiguousarray(bias.reshape(*shape, rt.halo * ct.halo)),
+        np.ascontiguousarray(np.maximum(rows, 0).reshape(*shape, rt.halo).astype(np.int32)),
+        np.ascontiguousarray(np.maximum(cols, 0).reshape(*shape[1:], ct.halo).astype(np.int32)),
     )
 
 
@@ -263,13 +266,15 @@ def _step_halos(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles)
 
 
 def _tables_of(step: Array, p: Plan) -> tuple[Array, Array, Array]:
-    """A step's ``(bias, row_index, col_index)`` (see ``_step_tables``)."""
-    row_step = step % p.row_steps
-    return (
-        jnp.asarray(p.bias)[row_step],
-        jnp.asarray(p.row_index)[row_step],
-        jnp.asarray(p.col_index),
-    )
+    """A step's ``(bias [J, 1, n, halo], row_index [J, 1, n, halo_r], col_index [J, 1, n,
+    halo_c])`` (see ``_step_tables``; the same for each of the step's images)."""
+    pattern = jnp.asarray(p.pattern)[step % p.row_steps]
+
+    def for_images(x: Array) -> Array:
+        return jnp.broadcast_to(x, (p.images,) + x.shape).reshape(-1, *x.shape[1:])
+
+    bias, row_index = jnp.asarray(p.bias)[pattern], jnp.asarray(p.row_index)[pattern]
+    return for_images(bias), for_images(row_index), for_images(jnp.asarray(p.col_index))
 
 
 def _untile_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
