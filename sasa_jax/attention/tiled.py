@@ -341,7 +341,7 @@ def _loop(body, steps: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# The three passes.
+# The forward and backward passes.
 
 
 def _forward(q, k, v, rel, p: Plan, with_weights: bool):
