@@ -345,8 +345,8 @@ def _loop(body, steps: int):
 
 
 def _forward(q, k, v, rel, p: Plan, with_weights: bool):
-    """Output ``[b, H', W', h, dv]``, log-sum-exp ``[b, H', W', h]`` on the tile grid, and
-    the halo weights ``[b, H', W', h, halo]`` (or None)."""
+    """Output ``[b, H, W, h, dv]``; log-sum-exp ``[b, H', W', h]`` and halo weights
+    ``[b, H', W', h, halo]`` (or None) on the tile grid."""
     rt, ct = p.q_rows, p.q_cols
     dtype = softmax_dtype(q.dtype)
     q_grid = _grid(q, rt, ct)
@@ -373,7 +373,7 @@ def _forward(q, k, v, rel, p: Plan, with_weights: bool):
         body = jax.checkpoint(body)
     out, lse, weights = _loop(body, p.steps)
     weights = None if weights is None else _unstep(weights, p)
-    return _unstep(out, p), _unstep(lse, p), weights
+    return _unstep(out, p)[:, : q.shape[1], : q.shape[2]], _unstep(lse, p), weights
 
 
 def _fold_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
@@ -467,13 +467,11 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q, k, v, rel, p: Plan):
-    out, _, _ = _forward(q, k, v, rel, p, with_weights=False)
-    return out[:, : q.shape[1], : q.shape[2]]
+    return _forward(q, k, v, rel, p, with_weights=False)[0]
 
 
 def _attend_fwd(q, k, v, rel, p: Plan):
     out, lse, _ = _forward(q, k, v, rel, p, with_weights=False)
-    out = out[:, : q.shape[1], : q.shape[2]]
     return out, (q, k, v, rel, out, lse)
 
 
@@ -507,7 +505,7 @@ def _run(q, k, v, rel_row, rel_col, rows, cols, return_weights, tile: int | None
     if not return_weights:
         return _attend(q, k, v, rel, p)
     out, _, weights = _forward(q, k, v, rel, p, with_weights=True)
-    return out[:, : rows.size, : cols.size], _tap_weights(weights, p)
+    return out, _tap_weights(weights, p)
 
 
 def dense_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
