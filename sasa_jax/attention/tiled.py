@@ -3,7 +3,8 @@
 The map is cut into tiles of queries. Each tile attends to every key of its halo (the tile
 grown by the window's reach) through two batched matmuls; static per-axis tables mask the halo
 keys outside each query's window and pick the relative-table row of those inside. This is
-HaloNet's blocking made exact for every border.
+HaloNet's blocking made exact for every border. The mask is a finite ``MASKED`` logit term
+(-1e30), whose exponential is exactly 0 as -inf's is, so that it can go through a matmul.
 
 - "dense": one tile covers the whole map. It does (H'·W')/(kh·kw) times the useful work, so
   it pays off on small maps (the 7×7 and 14×14 stages of a ResNet at 224²).
@@ -15,8 +16,8 @@ The work runs in a loop. A step takes some rows of tiles of one image, or whole 
 only the output and the log-sum-exp. The backward pass (a ``custom_vjp``) loops over the same
 steps once, recomputing the logits flash-attention style: ``dq`` and the relative tables'
 gradients come from the query side, and ``dk`` and ``dv`` per key halo, added up where halos
-overlap as sums of shifted slices. Nothing is scattered, and autodiff's halo transposes and
-saved logits are gone.
+overlap as sums of shifted slices, so they are never scattered, and autodiff's halo
+transposes and saved logits are gone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from sasa_jax.attention.chunks import batch_chunk
 from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
+
+# The logit term of a key outside a query's window: finite, because the terms reach the
+# logits through a matmul (0 * -inf would be NaN), and so large that exp(logit - max) is 0.
+MASKED = -1e30
 
 # Query (and key) tile of "tiled" along each axis.
 TILE = 4
@@ -140,7 +145,6 @@ class Plan:
     tile_rows: int
     steps: int
     pattern: np.ndarray
-    bias: np.ndarray
     row_index: np.ndarray
     col_index: np.ndarray
 
@@ -177,40 +181,35 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
         images,
         tile_rows,
         batch // images * (padded // tile_rows),
-        *_step_tables(q_rows, q_cols, tile_rows),
+        *_step_tables(q_rows, q_cols, tile_rows, (rows.rel_length, cols.rel_length)),
     )
 
 
-def _step_tables(rt: AxisTiles, ct: AxisTiles, tile_rows: int):
+def _step_tables(rt: AxisTiles, ct: AxisTiles, tile_rows: int, lengths: tuple[int, int]):
     """The tables of one image's part of a step, over its tiles ``J1 = rows*Tc`` and queries
-    ``n = (a, b)``, for each distinct row step (a border row differs; the inner ones repeat):
+    ``n = (a, b)``, for each distinct row step (a border row differs; the inner ones repeat).
+    A halo key is in a query's window when its row and its column are (the mask is
+    separable), so each axis has its own table: the relative-table row of each halo row (or
+    column), or the table's length ``L`` (one past its end) where it is outside the window.
 
-    - pattern ``[row_steps]`` int32: which distinct tables each row step uses;
-    - bias ``[patterns, J1, 1, n, halo]`` float32: 0 for the keys of a query's window, -inf
-      for the others;
-    - row_index ``[patterns, J1, 1, n, halo_r]`` int32: the row-table row of each halo row;
-    - col_index ``[J1, 1, n, halo_c]`` int32: the column-table row of each halo column
-
-    (indices clipped to 0 where masked)."""
+    - pattern ``[row_steps]`` int32: which distinct row table each row step uses;
+    - row_index ``[patterns, J1, 1, n, halo_r]`` int32;
+    - col_index ``[J1, 1, n, halo_c]`` int32."""
     row_steps = rt.tiles // tile_rows
-    queries = rt.tile * ct.tile
-    rows_by_step = rt.rel.reshape(row_steps, -1)
     distinct, first, pattern = np.unique(
-        rows_by_step, axis=0, return_index=True, return_inverse=True
+        rt.rel.reshape(row_steps, -1), axis=0, return_index=True, return_inverse=True
     )
-    # [patterns, rows, Tc, tr, tc, halo]: each query's row and column table rows.
+    # [patterns, rows, Tc, tr, tc, halo_r] and [rows, Tc, tr, tc, halo_c]: the table rows.
     rows = rt.rel.reshape(row_steps, tile_rows, 1, rt.tile, 1, rt.halo)[first]
     rows = np.broadcast_to(rows, (len(distinct), tile_rows, ct.tiles, rt.tile, ct.tile, rt.halo))
-    cols = np.broadcast_to(ct.rel[:, None], (ct.tiles, rt.tile, ct.tile, ct.halo))
-    cols = np.broadcast_to(cols, (tile_rows,) + cols.shape)
-    member = (rows[..., :, None] >= 0) & (cols[..., None, :] >= 0)
-    bias = np.where(member, 0.0, -np.inf).astype(np.float32)
-    shape = (len(distinct), tile_rows * ct.tiles, 1, queries)
+    cols = np.broadcast_to(ct.rel[:, None], (tile_rows, ct.tiles, rt.tile, ct.tile, ct.halo))
+    shape = (tile_rows * ct.tiles, 1, rt.tile * ct.tile)
+    rows = rows.reshape(len(distinct), *shape, rt.halo)
+    cols = cols.reshape(*shape, ct.halo)
     return (
         pattern.reshape(-1).astype(np.int32),
-        np.ascontiguousarray(bias.reshape(*shape, rt.halo * ct.halo)),
-        np.ascontiguousarray(np.maximum(rows, 0).reshape(*shape, rt.halo).astype(np.int32)),
-        np.ascontiguousarray(np.maximum(cols, 0).reshape(*shape[1:], ct.halo).astype(np.int32)),
+        np.where(rows >= 0, rows, lengths[0]).astype(np.int32),
+        np.where(cols >= 0, cols, lengths[1]).astype(np.int32),
     )
 
 
@@ -253,28 +252,28 @@ def _step_tiles(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles)
 
 
 def _step_halos(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """A step's halos ``[J, h, halo_r*halo_c, e]`` of a ``_halo_grid``."""
+    """A step's halos ``[J, h, halo_r*halo_c, e]`` of a ``_halo_grid`` (one gather)."""
     slab = _slab(grid, step, p, rt, (p.tile_rows - 1) * rt.tile + rt.halo)
-    parts = [
-        slab[:, g * rt.tile : g * rt.tile + rt.halo, j * ct.tile : j * ct.tile + ct.halo]
-        for g in range(p.tile_rows)
-        for j in range(ct.tiles)
-    ]
-    x = jnp.stack(parts, axis=1)  # [images, rows*Tc, halo_r, halo_c, h, e]
-    n, tiles, hr, hc, heads, e = x.shape
-    return x.transpose(0, 1, 4, 2, 3, 5).reshape(n * tiles, heads, hr * hc, e)
+    n, _, _, heads, e = slab.shape
+    rows = np.arange(p.tile_rows)[:, None, None, None] * rt.tile
+    rows = rows + np.arange(rt.halo)[None, None, :, None]
+    cols = np.arange(ct.tiles)[None, :, None, None] * ct.tile
+    cols = cols + np.arange(ct.halo)[None, None, None, :]
+    rows, cols = np.broadcast_arrays(rows, cols)  # [rows, Tc, halo_r, halo_c]
+    x = slab[:, rows, cols]  # [I, rows, Tc, halo_r, halo_c, h, e]
+    x = x.transpose(0, 1, 2, 5, 3, 4, 6)
+    return x.reshape(n * p.tile_rows * ct.tiles, heads, rt.halo * ct.halo, e)
 
 
-def _tables_of(step: Array, p: Plan) -> tuple[Array, Array, Array]:
-    """A step's ``(bias [J, 1, n, halo], row_index [J, 1, n, halo_r], col_index [J, 1, n,
-    halo_c])`` (see ``_step_tables``; the same for each of the step's images)."""
+def _tables_of(step: Array, p: Plan) -> tuple[Array, Array]:
+    """A step's ``(row_index [J, 1, n, halo_r], col_index [J, 1, n, halo_c])`` (see
+    ``_step_tables``; the same for each of the step's images)."""
     pattern = jnp.asarray(p.pattern)[step % p.row_steps]
 
     def for_images(x: Array) -> Array:
         return jnp.broadcast_to(x, (p.images,) + x.shape).reshape(-1, *x.shape[1:])
 
-    bias, row_index = jnp.asarray(p.bias)[pattern], jnp.asarray(p.row_index)[pattern]
-    return for_images(bias), for_images(row_index), for_images(jnp.asarray(p.col_index))
+    return for_images(jnp.asarray(p.row_index)[pattern]), for_images(jnp.asarray(p.col_index))
 
 
 def _untile_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
@@ -298,39 +297,54 @@ def _unstep(x: Array, p: Plan) -> Array:
 # Logits of one step.
 
 
-def _rel_logits(q_t: Array, rel, tables, dtype) -> tuple[Array, Array]:
-    """The relative logits of a step's queries for each halo row and column:
-    ``[J, h, n, halo_r]`` and ``[J, h, n, halo_c]``."""
-    _, row_index, col_index = tables
+def _row_col_terms(q_t: Array, rel, tables, p: Plan, dtype) -> tuple[Array, Array]:
+    """The logit terms of a step's queries that depend only on the halo row, and only on the
+    halo column: the relative logits (0 without ``rel``), and ``MASKED`` outside the
+    windows. ``[J, h, n, halo_r]`` and ``[J, h, n, halo_c]`` (``h`` is 1 without ``rel``).
+
+    Each is one gather from the query's logits against the whole relative table with a
+    ``MASKED`` entry appended, so the mask costs nothing more. The gather's result is laid out
+    as the logits are (heads before queries), so nothing downstream transposes it."""
     half = q_t.shape[-1] // 2
-    per_row = jnp.einsum(
-        "jhne,re->jhnr", q_t[..., :half], rel[0].astype(q_t.dtype), preferred_element_type=dtype
-    )
-    per_col = jnp.einsum(
-        "jhne,re->jhnr", q_t[..., half:], rel[1].astype(q_t.dtype), preferred_element_type=dtype
-    )
-    by_row = jnp.take_along_axis(per_row, row_index, axis=-1)
-    by_col = jnp.take_along_axis(per_col, col_index, axis=-1)
-    # Materialised: XLA would otherwise redo the gathers for every logit they are added to.
-    return jax.lax.optimization_barrier((by_row, by_col))
+    parts = (q_t[..., :half], q_t[..., half:])
+    lengths = (p.rows.rel_length, p.cols.rel_length)
+    terms = []
+    for axis, index in enumerate(tables):
+        if rel:
+            table = rel[axis].astype(q_t.dtype)
+            per_row = jnp.einsum("jhne,re->jhnr", parts[axis], table, preferred_element_type=dtype)
+        else:
+            per_row = jnp.zeros((*index.shape[:3], lengths[axis]), dtype)
+        outside = jnp.full((*per_row.shape[:3], 1), MASKED, dtype)
+        per_row = jnp.concatenate([per_row, outside], axis=-1)
+        index = jnp.broadcast_to(index, (*per_row.shape[:3], index.shape[-1]))
+        terms.append(jnp.take_along_axis(per_row, index, axis=-1, mode="promise_in_bounds"))
+    return terms[0], terms[1]
 
 
-def _logits(dots: Array, by_row: Array | None, by_col: Array | None, bias: Array, rt, ct):
-    """``[J, h, n, halo]`` logits from the q·k products, the relative logits (or None) and
-    the step's mask bias."""
-    if by_row is not None:
-        n_tiles, heads, n, _ = dots.shape
-        dots = dots.reshape(n_tiles, heads, n, rt.halo, ct.halo)
-        dots = dots + by_row[..., :, None] + by_col[..., None, :]
-        dots = dots.reshape(n_tiles, heads, n, rt.halo * ct.halo)
-    return dots + bias
+def _indicators(rt: AxisTiles, ct: AxisTiles) -> np.ndarray:
+    """``[halo_r + halo_c, halo_r*halo_c]`` 0/1: row ``r`` marks the keys of halo row ``r``,
+    row ``halo_r + c`` those of halo column ``c``."""
+    rows, cols = np.divmod(np.arange(rt.halo * ct.halo), ct.halo)
+    return np.concatenate([np.eye(rt.halo)[:, rows], np.eye(ct.halo)[:, cols]], axis=0)
 
 
-def _query_logits(q_t, k_halo, rel, tables, rt: AxisTiles, ct: AxisTiles, dtype):
-    """``[J, h, tr*tc, halo]`` logits of a step's query tiles, -inf outside the windows."""
+def _logits(dots: Array, by_row: Array, by_col: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """``[J, h, n, halo]`` logits from the q·k products and the row and column terms. The
+    terms are spread over the keys by a plain 2-D matmul with ``_indicators`` and added in
+    one contiguous pass: XLA's CPU loop fusions run the equivalent broadcast-adds, whose
+    indices wrap every ``halo_c`` elements, several times slower (measured in the README)."""
+    terms = jnp.concatenate([by_row, by_col], axis=-1)
+    ones = jnp.asarray(_indicators(rt, ct), dots.dtype)
+    spread = jnp.dot(terms.reshape(-1, terms.shape[-1]), ones)
+    return dots + spread.reshape(*terms.shape[:-1], ones.shape[-1])
+
+
+def _query_logits(q_t, k_halo, rel, tables, p: Plan, dtype):
+    """``[J, h, tr*tc, halo]`` logits of a step's query tiles, ``MASKED`` (or twice that)
+    outside the windows."""
     dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
-    by_row, by_col = _rel_logits(q_t, rel, tables, dtype) if rel else (None, None)
-    return _logits(dots, by_row, by_col, tables[0], rt, ct)
+    return _logits(dots, *_row_col_terms(q_t, rel, tables, p, dtype), p.q_rows, p.q_cols)
 
 
 def _loop(body, steps: int):
@@ -357,7 +371,7 @@ def _forward(q, k, v, rel, p: Plan, with_weights: bool):
         k_halo = _step_halos(k_grid, step, p, rt, ct)
         v_halo = _step_halos(v_grid, step, p, rt, ct)
         tables = _tables_of(step, p)
-        logits = _query_logits(q_t, k_halo, rel, tables, rt, ct, dtype)
+        logits = _query_logits(q_t, k_halo, rel, tables, p, dtype)
         top = jnp.max(logits, axis=-1, keepdims=True)
         exps = jnp.exp(logits - top)
         total = jnp.sum(exps, axis=-1, keepdims=True)
@@ -403,6 +417,17 @@ def _fold_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
     return rows[:, : (p.tile_rows - 1) * rt.tile + rt.halo, : (ct.tiles - 1) * ct.tile + ct.halo]
 
 
+def _row_col_sums(x: Array, rt: AxisTiles, ct: AxisTiles) -> tuple[Array, Array]:
+    """``[J, h, n, halo_r*halo_c]`` -> its sums over each halo row ``[J, h, n, halo_r]`` and
+    each halo column ``[J, h, n, halo_c]``: the transpose of ``_logits``' spreading, one 2-D
+    matmul with the ``_indicators`` (the second of the two reductions it replaces is over a
+    strided axis)."""
+    ones = jnp.asarray(_indicators(rt, ct).T, x.dtype)
+    sums = jnp.dot(x.reshape(-1, x.shape[-1]), ones)
+    sums = sums.reshape(*x.shape[:-1], rt.halo + ct.halo)
+    return sums[..., : rt.halo], sums[..., rt.halo :]
+
+
 def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
     """``(dq, dk, dv, d_rel)`` in one loop over the forward's steps, recomputing the logits.
     ``dk`` and ``dv`` come per key halo and are added up where the halos overlap."""
@@ -428,20 +453,16 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
         tables = _tables_of(step, p)
         dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
         d_rel = ()
-        if rel:
-            (by_row, by_col), rel_vjp = jax.vjp(
-                lambda q_t, rel: _rel_logits(q_t, rel, tables, dtype), q_t, rel
-            )
-            logits = _logits(dots, by_row, by_col, tables[0], rt, ct)
-        else:
-            logits = _logits(dots, None, None, tables[0], rt, ct)
+        (by_row, by_col), rel_vjp = jax.vjp(
+            lambda q_t, rel: _row_col_terms(q_t, rel, tables, p, dtype), q_t, rel
+        )
+        logits = _logits(dots, by_row, by_col, rt, ct)
         probs = jnp.exp(logits - lse_t)
         d_probs = jnp.einsum("jhnd,jhmd->jhnm", d_t, v_halo, preferred_element_type=dtype)
         d_logits = probs * (d_probs - delta_t)
         d_q = jnp.einsum("jhnm,jhmd->jhnd", d_logits, k_halo.astype(dtype))
         if rel:
-            grid = d_logits.reshape(*d_logits.shape[:3], rt.halo, ct.halo)
-            d_q_rel, d_rel = rel_vjp((grid.sum(-1), grid.sum(-2)))
+            d_q_rel, d_rel = rel_vjp(_row_col_sums(d_logits, rt, ct))
             d_q = d_q + d_q_rel
         # [J, h, e, halo]: queries-major operands, so both are plain matmuls.
         q_major, d_major = jax.lax.optimization_barrier(
