@@ -257,10 +257,11 @@ def test_implementations_listed():
 
 CHUNKING = {
     # (implementation, module, {constant: value}): force each way an implementation splits
-    # a batch (for tiled and dense: into loop steps of one image or of rows of tiles), and
-    # "tiled" into many small, overhanging tiles.
+    # a batch (for tiled and dense: into loop steps of whole images, of rows of tiles, or of
+    # some heads of one row), and "tiled" into many small, overhanging tiles.
     "fused-unrolled": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 16}),
     "fused-loop": ("fused", "fused", {"CHUNK_ELEMENTS": 1, "MAX_UNROLLED_CHUNKS": 1}),
+    # A budget of 1 logit: one image, one row of tiles and one head per step.
     "dense-loop": ("dense", "tiled", {"CHUNK_ELEMENTS": 1}),
     "tiled-2x2-loop": ("tiled", "tiled", {"CHUNK_ELEMENTS": 1, "TILE": 2}),
     # 3 rows of 2x2 tiles, 2 per step: the rows are padded to 4 (an empty row of tiles).
@@ -327,6 +328,20 @@ def test_tiled_steps_pad_rows_of_tiles(monkeypatch):
     monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 3 * 3 * 384)
     p = tiled.plan(rows, cols, 2, batch=3, heads=2)
     assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (3, 3, 3, 1)
+
+
+def test_steps_split_heads_when_a_row_of_tiles_does_not_fit(monkeypatch):
+    """A row of 2x2 tiles of a 5x6 map holds 3 tiles x 4 queries x 16 halo keys = 192 logits
+    per head: with 6 heads and room for 400 logits, a step takes 2 heads of one row."""
+    from sasa_jax.attention import axis_window, tiled
+
+    rows, cols = axis_window(5, 3, 1, "mask"), axis_window(6, 3, 1, "mask")
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 400)
+    p = tiled.plan(rows, cols, 2, batch=3, heads=6)
+    assert (p.images, p.tile_rows, p.heads, p.head_steps, p.steps) == (1, 1, 2, 3, 27)
+    # The steps visit every (image, row of tiles, group of heads) once.
+    origins = {tuple(int(i) for i in p.origin(jnp.asarray(s))) for s in range(p.steps)}
+    assert origins == {(i, r, h) for i in range(3) for r in range(3) for h in (0, 2, 4)}
 
 
 def test_auto_picks_by_map_size_and_takes_new_rules():

@@ -43,9 +43,11 @@ MASKED = -1e30
 # Query (and key) tile of "tiled" along each axis.
 TILE = 4
 
-# Largest logits tensor (elements) one loop step may make on CPU (2 MiB in float32, the size
-# of a core's L2 cache here); at least one row of tiles of one image goes into a step.
-CHUNK_ELEMENTS = 2**19
+# Largest logits tensor (elements) one loop step may make on CPU: 1 MiB in float32, half a
+# core's L2 cache here (the backward pass keeps about four such tensors alive). A step holds
+# whole images, or rows of tiles of one image, or some heads of one row of tiles. 2**19 was
+# as fast at every ResNet stage shape and at 14x14 took 3.1x the conv's temp memory, not 2.6x.
+CHUNK_ELEMENTS = 2**18
 
 # The same on GPU and TPU, where each step costs kernel launches rather than cache misses.
 # Not measured with this code: the H100 numbers in the README are for the previous version,
@@ -133,8 +135,9 @@ def tap_keys(win: AxisWindow, tiles: AxisTiles) -> np.ndarray:
 class Plan:
     """Everything static about one geometry, tile size and batch (cached; hashed by identity).
 
-    A loop step covers ``images`` images times ``rows`` tile rows; ``steps`` of them cover
-    the batch. The row tiles are padded to a multiple of ``rows``.
+    A loop step covers ``images`` images times ``rows`` tile rows times ``heads`` heads;
+    ``steps`` of them cover the batch. The row tiles are padded to a multiple of ``rows``.
+    Steps are numbered image-major, then by tile row, then by head.
     """
 
     rows: AxisWindow
@@ -143,6 +146,8 @@ class Plan:
     q_cols: AxisTiles
     images: int
     tile_rows: int
+    heads: int
+    head_steps: int
     steps: int
     pattern: np.ndarray
     row_index: np.ndarray
@@ -152,16 +157,32 @@ class Plan:
     def row_steps(self) -> int:
         return self.q_rows.tiles // self.tile_rows
 
+    def origin(self, step: Array) -> tuple[Array, Array, Array]:
+        """``(first image, tile row, first head)`` of loop step ``step``."""
+        head = step % self.head_steps
+        row = step // self.head_steps % self.row_steps
+        image = step // (self.head_steps * self.row_steps)
+        return image * self.images, row, head * self.heads
 
-def _step_size(tile_rows: int, per_row: int, batch: int, budget: int) -> tuple[int, int]:
-    """``(images, rows)`` per step: as many tile rows as fit in ``budget`` logits (in as few
-    steps, with as little padding as possible), and whole images when one image fits."""
+
+def _step_size(
+    tile_rows: int, per_row: int, batch: int, heads: int, budget: int
+) -> tuple[int, int, int]:
+    """``(images, rows, heads)`` per step: as many tile rows as fit in ``budget`` logits (in
+    as few steps, with as little padding as possible), whole images when one image fits, and
+    part of the heads when one row of tiles does not fit."""
+    if per_row > budget:
+        part = max(
+            [d for d in range(1, heads + 1) if heads % d == 0 and per_row * d <= budget * heads]
+            or [1]
+        )
+        return 1, 1, part
     most = max(1, min(tile_rows, budget // per_row))
     steps = math.ceil(tile_rows / most)
     rows = math.ceil(tile_rows / steps)
     if rows < tile_rows:
-        return 1, rows
-    return batch_chunk(batch, tile_rows * per_row, budget), rows
+        return 1, rows, heads
+    return batch_chunk(batch, tile_rows * per_row, budget), rows, heads
 
 
 @functools.lru_cache(maxsize=256)
@@ -170,7 +191,7 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
     tr, tc = tile or rows.size, tile or cols.size
     q_rows, q_cols = query_tiles(rows, tr), query_tiles(cols, tc)
     per_row = q_cols.tiles * heads * q_rows.tile * q_cols.tile * q_rows.halo * q_cols.halo
-    images, tile_rows = _step_size(q_rows.tiles, per_row, batch, budget)
+    images, tile_rows, step_heads = _step_size(q_rows.tiles, per_row, batch, heads, budget)
     padded = math.ceil(q_rows.tiles / tile_rows) * tile_rows
     q_rows = query_tiles(rows, tr, padded)
     return Plan(
@@ -180,7 +201,9 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
         q_cols,
         images,
         tile_rows,
-        batch // images * (padded // tile_rows),
+        step_heads,
+        heads // step_heads,
+        batch // images * (padded // tile_rows) * (heads // step_heads),
         *_step_tables(q_rows, q_cols, tile_rows, (rows.rel_length, cols.rel_length)),
     )
 
@@ -235,11 +258,17 @@ def _halo_grid(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
 
 
 def _slab(grid: Array, step: Array, p: Plan, rt: AxisTiles, height: int) -> Array:
-    """The ``[images, height, W, ...]`` rows of ``grid`` that loop step ``step`` reads."""
-    image = step // p.row_steps * p.images
-    row = step % p.row_steps * p.tile_rows * rt.tile
-    start = (image, row) + (0,) * (grid.ndim - 2)
-    return jax.lax.dynamic_slice(grid, start, (p.images, height) + grid.shape[2:])
+    """The ``[images, height, W, heads, e]`` part of a ``[b, H', W', h, e]`` grid that loop
+    step ``step`` reads."""
+    start = _slab_start(step, p, rt)
+    shape = (p.images, height, grid.shape[2], p.heads, grid.shape[4])
+    return jax.lax.dynamic_slice(grid, start, shape)
+
+
+def _slab_start(step: Array, p: Plan, rt: AxisTiles) -> tuple[Array, ...]:
+    """Where loop step ``step``'s slab starts in a ``[b, H', W', h, e]`` grid."""
+    image, row, head = p.origin(step)
+    return image, row * p.tile_rows * rt.tile, jnp.zeros_like(step), head, jnp.zeros_like(step)
 
 
 def _step_tiles(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
@@ -268,7 +297,7 @@ def _step_halos(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles)
 def _tables_of(step: Array, p: Plan) -> tuple[Array, Array]:
     """A step's ``(row_index [J, 1, n, halo_r], col_index [J, 1, n, halo_c])`` (see
     ``_step_tables``; the same for each of the step's images)."""
-    pattern = jnp.asarray(p.pattern)[step % p.row_steps]
+    pattern = jnp.asarray(p.pattern)[p.origin(step)[1]]
 
     def for_images(x: Array) -> Array:
         return jnp.broadcast_to(x, (p.images,) + x.shape).reshape(-1, *x.shape[1:])
@@ -286,11 +315,12 @@ def _untile_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
 
 
 def _unstep(x: Array, p: Plan) -> Array:
-    """Stacked ``_untile_step`` outputs ``[steps, images, rows*tr, W', ...]`` ->
-    ``[b, Tr*tr, W', ...]`` (a reshape: a step holds whole images or one image's rows)."""
-    x = x.reshape(-1, p.row_steps, p.images, *x.shape[2:])
-    x = jnp.swapaxes(x, 1, 2)
-    return x.reshape(-1, p.row_steps * x.shape[3], *x.shape[4:])
+    """Stacked ``_untile_step`` outputs ``[steps, images, rows*tr, W', heads, ...]`` ->
+    ``[b, Tr*tr, W', h, ...]``."""
+    _, images, height, width, heads, *rest = x.shape
+    x = x.reshape(-1, p.row_steps, p.head_steps, images, height, width, heads, *rest)
+    x = x.transpose(0, 3, 1, 4, 5, 2, 6, *range(7, x.ndim))
+    return x.reshape(-1, p.row_steps * height, width, p.head_steps * heads, *rest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,11 +500,10 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
         )
         d_k = jnp.einsum("jhen,jhnm->jhem", q_major, d_logits)
         d_v = jnp.einsum("jhen,jhnm->jhem", d_major, probs)
-        start = (step // p.row_steps * p.images, step % p.row_steps * p.tile_rows * rt.tile)
+        index = _slab_start(step, p, rt)
         new = []
         for total, part in zip(grads, (d_k, d_v), strict=True):
             slab = _fold_step(part.astype(acc), p, rt, ct)
-            index = start + (0, 0, 0)
             old = jax.lax.dynamic_slice(total, index, slab.shape)
             new.append(jax.lax.dynamic_update_slice(total, old + slab, index))
         return tuple(new), (_untile_step(d_q, p, rt, ct), d_rel)
