@@ -245,53 +245,44 @@ def plan(rows: AxisWindow, cols: AxisWindow, tile: int | None, batch: int, heads
 # Layout: whole arrays <-> one loop step's tiles and halos.
 
 
-def _grid(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """``[b, H, W, ...]`` -> ``[b, Tr*tr, Tc*tc, ...]``, zero-padded to whole tiles."""
-    pads = [(0, 0), (0, rt.tiles * rt.tile - x.shape[1]), (0, ct.tiles * ct.tile - x.shape[2])]
-    return jnp.pad(x, pads + [(0, 0)] * (x.ndim - 3))
-
-
-def _halo_grid(x: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """``[b, H, W, ...]`` keys -> zero-padded so that every halo is a slice."""
-    pads = [(0, 0), (rt.pad_before, rt.pad_after), (ct.pad_before, ct.pad_after)]
-    return jnp.pad(x, pads + [(0, 0)] * (x.ndim - 3))
-
-
-def _slab(grid: Array, step: Array, p: Plan, rt: AxisTiles, height: int) -> Array:
-    """The ``[images, height, W, heads, e]`` part of a ``[b, H', W', h, e]`` grid that loop
-    step ``step`` reads."""
-    start = _slab_start(step, p, rt)
-    shape = (p.images, height, grid.shape[2], p.heads, grid.shape[4])
-    return jax.lax.dynamic_slice(grid, start, shape)
-
-
 def _slab_start(step: Array, p: Plan, rt: AxisTiles) -> tuple[Array, ...]:
-    """Where loop step ``step``'s slab starts in a ``[b, H', W', h, e]`` grid."""
+    """Where loop step ``step``'s rows start in a ``[b, H', W, h, e]`` array whose rows are
+    padded as the keys' halos need (``rt.pad_before`` first)."""
     image, row, head = p.origin(step)
     return image, row * p.tile_rows * rt.tile, jnp.zeros_like(step), head, jnp.zeros_like(step)
 
 
-def _step_tiles(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """A step's tiles ``[J, h, tr*tc, e]`` (``J = images*rows*Tc``) of a ``_grid``."""
-    slab = _slab(grid, step, p, rt, p.tile_rows * rt.tile)
-    n, _, _, heads, e = slab.shape
-    x = slab.reshape(n, p.tile_rows, rt.tile, ct.tiles, ct.tile, heads, e)
-    x = x.transpose(0, 1, 3, 5, 2, 4, 6)
-    return x.reshape(n * p.tile_rows * ct.tiles, heads, rt.tile * ct.tile, e)
+def _step_tiles(x: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """A step's query tiles ``[J, heads, tr*tc, e]`` (``J = images*rows*Tc``) of ``[b, H, W,
+    h, e]`` (zeros past the image)."""
+    return _step_blocks(x, step, p, (rt.tile, ct.tile), (0, 0))
 
 
-def _step_halos(grid: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """A step's halos ``[J, h, halo_r*halo_c, e]`` of a ``_halo_grid`` (one gather)."""
-    slab = _slab(grid, step, p, rt, (p.tile_rows - 1) * rt.tile + rt.halo)
-    n, _, _, heads, e = slab.shape
+def _step_halos(x: Array, step: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
+    """A step's key (or value) halos ``[J, heads, halo_r*halo_c, e]`` of ``[b, H, W, h, e]``
+    (zeros past the image)."""
+    return _step_blocks(x, step, p, (rt.halo, ct.halo), (rt.pad_before, ct.pad_before))
+
+
+def _step_blocks(x: Array, step: Array, p: Plan, extent, shift) -> Array:
+    """The ``extent``-sized block of ``x`` ``[b, H, W, h, e]`` at each of a step's tiles,
+    starting ``shift`` before the tile: ``[J, heads, extent_r*extent_c, e]``. One gather
+    from the unpadded array, with zeros past the image, so nothing makes a padded copy."""
+    rt, ct = p.q_rows, p.q_cols
+    image, row, head = p.origin(step)
+    n, height, width, _, e = x.shape
+    x = jax.lax.dynamic_slice(x, (image, 0, 0, head, 0), (p.images, height, width, p.heads, e))
     rows = np.arange(p.tile_rows)[:, None, None, None] * rt.tile
-    rows = rows + np.arange(rt.halo)[None, None, :, None]
+    rows = rows + np.arange(extent[0])[None, None, :, None] - shift[0]
     cols = np.arange(ct.tiles)[None, :, None, None] * ct.tile
-    cols = cols + np.arange(ct.halo)[None, None, None, :]
-    rows, cols = np.broadcast_arrays(rows, cols)  # [rows, Tc, halo_r, halo_c]
-    x = slab[:, rows, cols]  # [I, rows, Tc, halo_r, halo_c, h, e]
-    x = x.transpose(0, 1, 2, 5, 3, 4, 6)
-    return x.reshape(n * p.tile_rows * ct.tiles, heads, rt.halo * ct.halo, e)
+    cols = cols + np.arange(extent[1])[None, None, None, :] - shift[1]
+    rows, cols = np.broadcast_arrays(rows, cols)  # [rows, Tc, extent_r, extent_c]
+    rows = rows + row * p.tile_rows * rt.tile
+    inside = (rows >= 0) & (rows < height) & jnp.asarray((cols >= 0) & (cols < width))
+    blocks = x[:, jnp.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)]
+    blocks = jnp.where(inside[None, ..., None, None], blocks, 0)  # [I, rows, Tc, r, c, h, e]
+    blocks = blocks.transpose(0, 1, 2, 5, 3, 4, 6)
+    return blocks.reshape(p.images * p.tile_rows * ct.tiles, p.heads, -1, e)
 
 
 def _tables_of(step: Array, p: Plan) -> tuple[Array, Array]:
@@ -393,13 +384,11 @@ def _forward(q, k, v, rel, p: Plan, with_weights: bool):
     ``[b, H', W', h, halo]`` (or None) on the tile grid."""
     rt, ct = p.q_rows, p.q_cols
     dtype = softmax_dtype(q.dtype)
-    q_grid = _grid(q, rt, ct)
-    k_grid, v_grid = _halo_grid(k, rt, ct), _halo_grid(v, rt, ct)
 
     def body(step):
-        q_t = _step_tiles(q_grid, step, p, rt, ct)
-        k_halo = _step_halos(k_grid, step, p, rt, ct)
-        v_halo = _step_halos(v_grid, step, p, rt, ct)
+        q_t = _step_tiles(q, step, p, rt, ct)
+        k_halo = _step_halos(k, step, p, rt, ct)
+        v_halo = _step_halos(v, step, p, rt, ct)
         tables = _tables_of(step, p)
         logits = _query_logits(q_t, k_halo, rel, tables, p, dtype)
         top = jnp.max(logits, axis=-1, keepdims=True)
@@ -422,9 +411,9 @@ def _forward(q, k, v, rel, p: Plan, with_weights: bool):
 
 def _fold_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
     """Adds up a step's per-halo contributions ``[J, h, e, halo_r*halo_c]`` where the halos
-    overlap: ``[images, (rows-1)*tr + halo_r, W_halo, h, e]``, the step's slab of the
-    ``_halo_grid``. Sums of shifted slices (``ceil(halo/tile)`` per axis): nothing is
-    scattered."""
+    overlap: ``[images, (rows-1)*tr + halo_r, W, h, e]``, the step's rows of the keys'
+    gradient with its rows zero-padded as the halos reach (the columns are cropped to the
+    image). Sums of shifted slices (``ceil(halo/tile)`` per axis): nothing is scattered."""
     _, heads, e, _ = x.shape
     s_r, s_c = math.ceil(rt.halo / rt.tile), math.ceil(ct.halo / ct.tile)
     width = (ct.tiles + s_c - 1) * ct.tile
@@ -444,7 +433,8 @@ def _fold_step(x: Array, p: Plan, rt: AxisTiles, ct: AxisTiles) -> Array:
         pads = [(0, 0), (s, s_r - 1 - s)] + [(0, 0)] * 4
         rows = rows + jnp.pad(columns[:, :, s], pads)
     rows = rows.reshape(p.images, -1, width, heads, e)  # the rest is zero padding:
-    return rows[:, : (p.tile_rows - 1) * rt.tile + rt.halo, : (ct.tiles - 1) * ct.tile + ct.halo]
+    columns = slice(ct.pad_before, ct.pad_before + p.cols.size)
+    return rows[:, : (p.tile_rows - 1) * rt.tile + rt.halo, columns]
 
 
 def _row_col_sums(x: Array, rt: AxisTiles, ct: AxisTiles) -> tuple[Array, Array]:
@@ -463,10 +453,8 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
     ``dk`` and ``dv`` come per key halo and are added up where the halos overlap."""
     rt, ct = p.q_rows, p.q_cols
     dtype = softmax_dtype(q.dtype)
-    q_grid, d_grid = _grid(q, rt, ct), _grid(d_out, rt, ct)
-    lse_grid, delta_grid = lse[..., None], _grid(delta[..., None], rt, ct)
-    k_grid, v_grid = _halo_grid(k, rt, ct), _halo_grid(v, rt, ct)
-    height, width = k_grid.shape[1:3]
+    lse, delta = lse[:, : q.shape[1], : q.shape[2], :, None], delta[..., None]
+    height, width = k.shape[1] + rt.pad_before + rt.pad_after, k.shape[2]
     acc = jnp.promote_types(k.dtype, dtype)
     grads = (
         jnp.zeros((q.shape[0], height, width, q.shape[3], k.shape[-1]), acc),
@@ -474,12 +462,12 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
     )
 
     def body(grads, step):
-        q_t = _step_tiles(q_grid, step, p, rt, ct)
-        d_t = _step_tiles(d_grid, step, p, rt, ct).astype(dtype)
-        lse_t = _step_tiles(lse_grid, step, p, rt, ct)
-        delta_t = _step_tiles(delta_grid, step, p, rt, ct)
-        k_halo = _step_halos(k_grid, step, p, rt, ct)
-        v_halo = _step_halos(v_grid, step, p, rt, ct)
+        q_t = _step_tiles(q, step, p, rt, ct)
+        d_t = _step_tiles(d_out, step, p, rt, ct).astype(dtype)
+        lse_t = _step_tiles(lse, step, p, rt, ct)
+        delta_t = _step_tiles(delta, step, p, rt, ct)
+        k_halo = _step_halos(k, step, p, rt, ct)
+        v_halo = _step_halos(v, step, p, rt, ct)
         tables = _tables_of(step, p)
         dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
         d_rel = ()
@@ -511,8 +499,7 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
     (d_k, d_v), (d_q, d_rel) = jax.lax.scan(body, grads, jnp.arange(p.steps, dtype=jnp.int32))
     d_q = _unstep(d_q, p)[:, : q.shape[1], : q.shape[2]]
     rows = slice(rt.pad_before, rt.pad_before + k.shape[1])
-    cols = slice(ct.pad_before, ct.pad_before + k.shape[2])
-    return d_q, d_k[:, rows, cols], d_v[:, rows, cols], jax.tree.map(lambda g: g.sum(0), d_rel)
+    return d_q, d_k[:, rows], d_v[:, rows], jax.tree.map(lambda g: g.sum(0), d_rel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
