@@ -264,8 +264,8 @@ CHUNKING = {
     # A budget of 1 logit: one image, one row of tiles and one head per step.
     "dense-loop": ("dense", "tiled", {"CHUNK_ELEMENTS": 1}),
     "tiled-2x2-loop": ("tiled", "tiled", {"CHUNK_ELEMENTS": 1, "TILE": 2}),
-    # 3 rows of 2x2 tiles, 2 per step: the rows are padded to 4 (an empty row of tiles).
-    "tiled-2x2-padded-rows": ("tiled", "tiled", {"CHUNK_ELEMENTS": 800, "TILE": 2}),
+    # 4 rows of 2x2 tiles (the last overhangs the map), room for 3 per step: 2 per step.
+    "tiled-2x2-two-rows": ("tiled", "tiled", {"CHUNK_ELEMENTS": 3 * 384, "TILE": 2}),
 }
 
 
@@ -279,7 +279,7 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
     module = getattr(sasa_jax.attention, module_name)
     for name, value in constants.items():
         monkeypatch.setattr(module, name, value)
-    q, k, v, tables = _inputs(3, (5, 6), 3, border, rel=True, batch=3)
+    q, k, v, tables = _inputs(3, (7, 6), 3, border, rel=True, batch=3)
     out_cot = jax.random.normal(jax.random.key(4), v.shape)
     w_cot = jax.random.normal(jax.random.key(5), q.shape[:4] + (9,))
 
@@ -316,18 +316,19 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
     )
 
 
-def test_tiled_steps_pad_rows_of_tiles(monkeypatch):
-    """The step sizing behind "tiled-2x2-padded-rows": 3 rows of 2x2 tiles of a 5x6 map,
-    2 rows per step, padded to 4 rows; whole images per step when an image fits."""
+def test_tiled_steps_take_rows_of_tiles_that_divide_the_image(monkeypatch):
+    """The step sizing behind "tiled-2x2-two-rows": a 7x6 map has 4 rows of 2x2 tiles of
+    3 tiles x 4 queries x 16 halo keys x 2 heads = 384 logits each. Room for 3 rows: steps
+    of 2 (a divisor of 4, so no row of tiles is padded); for 3 images: whole images."""
     from sasa_jax.attention import axis_window, tiled
 
-    rows, cols = axis_window(5, 3, 1, "mask"), axis_window(6, 3, 1, "mask")
-    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 800)
+    rows, cols = axis_window(7, 3, 1, "mask"), axis_window(6, 3, 1, "mask")
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 3 * 384)
     p = tiled.plan(rows, cols, 2, batch=3, heads=2)
     assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (1, 2, 4, 6)
-    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 3 * 3 * 384)
+    monkeypatch.setattr(tiled, "CHUNK_ELEMENTS", 3 * 4 * 384)
     p = tiled.plan(rows, cols, 2, batch=3, heads=2)
-    assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (3, 3, 3, 1)
+    assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (3, 4, 4, 1)
 
 
 def test_steps_split_heads_when_a_row_of_tiles_does_not_fit(monkeypatch):

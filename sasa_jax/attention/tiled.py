@@ -88,13 +88,11 @@ def _tile_pairs(
     rel: np.ndarray,
     size: int,
     tile: int,
-    min_tiles: int = 1,
 ) -> AxisTiles:
     """Tiles over the query positions (``[0, size)``) of a list of (query, key, relative row)
-    pairs; keys outside ``[0, size)`` are zero padding. At least ``min_tiles`` tiles (the
-    extra ones hold no pairs)."""
+    pairs; keys outside ``[0, size)`` are zero padding."""
     tile = min(tile, size)
-    tiles = max(math.ceil(size / tile), min_tiles)
+    tiles = math.ceil(size / tile)
     offset = keys - (queries // tile) * tile  # the key relative to its query tile's start
     lo = int(min(0, offset.min()))
     hi = int(max(tile - 1, offset.max()))
@@ -111,12 +109,12 @@ def _member_taps(win: AxisWindow) -> np.ndarray:
     return np.ones_like(win.valid) if win.border == "zeros" else win.valid
 
 
-def query_tiles(win: AxisWindow, tile: int, min_tiles: int = 1) -> AxisTiles:
+def query_tiles(win: AxisWindow, tile: int) -> AxisTiles:
     """Tiles of queries, each with the halo of keys its windows reach."""
     member = _member_taps(win)
     queries = np.broadcast_to(np.arange(win.size)[:, None], member.shape)
     args = (queries[member], win.position[member], win.rel_index[member], win.size)
-    tiles = _tile_pairs(*args, tile, min_tiles)
+    tiles = _tile_pairs(*args, tile)
     # Query positions past the image see their own (zero) key, to keep the softmax finite.
     for position in range(win.size, tiles.tiles * tiles.tile):
         a = position % tiles.tile
@@ -136,7 +134,7 @@ class Plan:
     """Everything static about one geometry, tile size and batch (cached; hashed by identity).
 
     A loop step covers ``images`` images times ``rows`` tile rows times ``heads`` heads;
-    ``steps`` of them cover the batch. The row tiles are padded to a multiple of ``rows``.
+    ``steps`` of them cover the batch; ``rows`` divides the image's rows of tiles.
     Steps are numbered image-major, then by tile row, then by head.
     """
 
@@ -168,18 +166,18 @@ class Plan:
 def _step_size(
     tile_rows: int, per_row: int, batch: int, heads: int, budget: int
 ) -> tuple[int, int, int]:
-    """``(images, rows, heads)`` per step: as many tile rows as fit in ``budget`` logits (in
-    as few steps, with as little padding as possible), whole images when one image fits, and
-    part of the heads when one row of tiles does not fit."""
+    """``(images, rows, heads)`` per step: whole images when one image fits in ``budget``
+    logits; else the most rows of tiles that fit and divide the image's rows of tiles (a
+    padded row of tiles costs a row's compute and its halo's memory; one more small step
+    costs about as much, measured at 28x28); else some of the heads of one row of tiles."""
     if per_row > budget:
         part = max(
             [d for d in range(1, heads + 1) if heads % d == 0 and per_row * d <= budget * heads]
             or [1]
         )
         return 1, 1, part
-    most = max(1, min(tile_rows, budget // per_row))
-    steps = math.ceil(tile_rows / most)
-    rows = math.ceil(tile_rows / steps)
+    most = min(tile_rows, budget // per_row)
+    rows = max(d for d in range(1, most + 1) if tile_rows % d == 0)
     if rows < tile_rows:
         return 1, rows, heads
     return batch_chunk(batch, tile_rows * per_row, budget), rows, heads
@@ -192,8 +190,6 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
     q_rows, q_cols = query_tiles(rows, tr), query_tiles(cols, tc)
     per_row = q_cols.tiles * heads * q_rows.tile * q_cols.tile * q_rows.halo * q_cols.halo
     images, tile_rows, step_heads = _step_size(q_rows.tiles, per_row, batch, heads, budget)
-    padded = math.ceil(q_rows.tiles / tile_rows) * tile_rows
-    q_rows = query_tiles(rows, tr, padded)
     return Plan(
         rows,
         cols,
@@ -203,7 +199,7 @@ def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget
         tile_rows,
         step_heads,
         heads // step_heads,
-        batch // images * (padded // tile_rows) * (heads // step_heads),
+        batch // images * (q_rows.tiles // tile_rows) * (heads // step_heads),
         *_step_tables(q_rows, q_cols, tile_rows, (rows.rel_length, cols.rel_length)),
     )
 
