@@ -11,8 +11,9 @@ HaloNet's blocking made exact for every border. The mask is a finite ``MASKED`` 
 - "tiled": ``TILE``×``TILE`` query tiles with a halo, (TILE+k-1)²/TILE² times the useful work
   on large maps.
 
-The work runs in a loop. A step takes some rows of tiles of one image, or whole images, up to
-``step_elements()`` logits, so on CPU a step's logits stay in cache. The forward pass keeps
+The work runs in a loop. A step takes whole images, or some rows of tiles of one image, or some
+heads of one row of tiles, up to ``step_elements()`` logits, so on CPU a step's logits stay in
+cache; it gathers its query tiles and key halos from the unpadded arrays. The forward pass keeps
 only the output and the log-sum-exp. The backward pass (a ``custom_vjp``) loops over the same
 steps once, recomputing the logits flash-attention style: ``dq`` and the relative tables'
 gradients come from the query side, and ``dk`` and ``dv`` per key halo, added up where halos
@@ -69,7 +70,8 @@ class AxisTiles:
       tile: positions per tile; ``tiles * tile >= size`` (the last tile may overhang).
       tiles: number of tiles.
       halo: keys per tile.
-      pad_before, pad_after: zeros added to the keys' axis so every halo is a slice.
+      pad_before, pad_after: how far the halos reach before the first and past the last
+        position: the keys' axis as if zero-padded so that every halo is a slice.
       rel: ``[tiles, tile, halo]`` int, the relative-table row of the pair (tile position
         ``a`` of tile ``i``, halo position ``m``), or -1 when they are not a pair.
     """
