@@ -60,7 +60,8 @@ def attention_maps(model, image: np.ndarray) -> list[LayerMaps]:
     for _, layer in layers:
         layer.capture = True
     try:
-        _, captured = nnx.capture(model, nnx.Intermediate)(np.asarray(image)[None])
+        # float32: a float64 array (numpy's default) would only be truncated, with a warning.
+        _, captured = nnx.capture(model, nnx.Intermediate)(np.asarray(image, np.float32)[None])
     finally:
         for _, layer in layers:
             layer.capture = False
