@@ -117,6 +117,30 @@ def test_bfloat16_runs_and_stays_close(implementation, border):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("border", ["mask", "clamp"])
+def test_large_negative_logits_keep_masked_keys_out(implementation, border):
+    """Every in-window logit near -1e6: a mask that were only a large finite penalty (say
+    -1e4) would let the masked keys win the softmax. Checked against the reference's -inf."""
+    q, k, v, tables = _inputs(5, (6, 7), 3, border, rel=True)
+    q, k = 30.0 * jnp.abs(q) + 30.0, -30.0 * jnp.abs(k) - 30.0  # q·k in about [-1e6, -1e3]
+    out, weights = local_attention(
+        q,
+        k,
+        v,
+        window=3,
+        border=border,
+        implementation=implementation,
+        return_weights=True,
+        **tables,
+    )
+    ref_out, ref_weights = reference_attention(q, k, v, window=3, border=border, **tables)
+    # Loose: float32 logits of 1e5-1e6 differ by ~0.01 between summation orders, which moves
+    # a near tie's weights by up to ~1e-3; a masked key that won would move them by ~1.
+    np.testing.assert_allclose(weights, ref_weights, atol=1e-2)
+    np.testing.assert_allclose(out, ref_out, atol=1e-2)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_border_semantics_by_hand(implementation):
     """A 1x3 image, window 3, q = 0 (uniform logits): the averages each border implies."""
     v = jnp.array([1.0, 10.0, 100.0]).reshape(1, 1, 3, 1, 1)
