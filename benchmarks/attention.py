@@ -4,7 +4,9 @@ The layer is the Q/K/V projections plus ``local_attention`` (k=7, 8 heads, relat
 border "mask"); the baseline is a bias-free 3x3 "SAME" convolution with the same in and out
 width. Both run fp32 at batch 8 on the four ResNet-50 stage shapes. Reported per shape and
 implementation: median step time, compiled temp memory (``memory_analysis()``), and both as
-ratios to the convolution.
+ratios to the convolution. The convolution and each implementation are timed alternately,
+call by call, and the time ratio is the median of the per-call ratios: this machine's speed
+drifts by tens of percent over minutes, and timing them apart mixed that drift into the ratio.
 
     python benchmarks/attention.py                       # all stages, all implementations
     python benchmarks/attention.py --shapes 56x64 --implementations gather --json
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,30 +48,30 @@ def _compiled_step(loss, params, x):
     return compiled, compiled.memory_analysis().temp_size_in_bytes
 
 
-def _time(compiled, params, x, repeats: int) -> float:
-    jax.block_until_ready(compiled(params, x))  # warm-up
-    times = []
-    for _ in range(repeats):
+def _timer(compiled, params, x) -> Callable[[], float]:
+    """Warms ``compiled`` up and returns a function that times one call (seconds)."""
+    jax.block_until_ready(compiled(params, x))
+
+    def once() -> float:
         start = time.perf_counter()
         jax.block_until_ready(compiled(params, x))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        return time.perf_counter() - start
+
+    return once
 
 
-def measure_conv(size: int, width: int, batch: int, repeats: int) -> dict:
+def conv_step(size: int, width: int, batch: int) -> dict:
+    """The 3x3 convolution's fwd+bwd: ``{"time": timer, "temp_bytes", "forward_flops"}``."""
     key_w, key_x = jax.random.split(jax.random.key(0))
     params = jax.random.normal(key_w, (3, 3, width, width)) * (9 * width) ** -0.5
     x = jax.random.normal(key_x, (batch, size, size, width))
     compiled, temp = _compiled_step(_conv_loss, params, x)
     flops = 2 * 9 * width * width * size * size * batch
-    return {
-        "seconds": _time(compiled, params, x, repeats),
-        "temp_bytes": int(temp),
-        "forward_flops": flops,
-    }
+    return {"time": _timer(compiled, params, x), "temp_bytes": int(temp), "forward_flops": flops}
 
 
-def measure_attention(size: int, width: int, batch: int, implementation: str, repeats: int) -> dict:
+def attention_step(size: int, width: int, batch: int, implementation: str) -> dict:
+    """The SASA layer's fwd+bwd, as ``conv_step``."""
     layer = SelfAttention2D(
         width, width, window=7, num_heads=8, implementation=implementation, rngs=nnx.Rngs(0)
     )
@@ -82,11 +85,18 @@ def measure_attention(size: int, width: int, batch: int, implementation: str, re
     head = width // 8
     pixels = batch * size * size
     flops = 2 * pixels * (3 * width * width + 49 * 8 * (2 * head) + 8 * 7 * 2 * (head // 2))
-    return {
-        "seconds": _time(compiled, params, x, repeats),
-        "temp_bytes": int(temp),
-        "forward_flops": flops,
-    }
+    return {"time": _timer(compiled, params, x), "temp_bytes": int(temp), "forward_flops": flops}
+
+
+def time_pair(conv: dict, att: dict, repeats: int) -> tuple[float, float, float]:
+    """Median conv and attention seconds and the median of their per-repeat ratios, timed
+    alternately so that both see the same spells of machine noise."""
+    conv_times, att_times = [], []
+    for _ in range(repeats):
+        conv_times.append(conv["time"]())
+        att_times.append(att["time"]())
+    ratios = np.array(att_times) / np.array(conv_times)
+    return float(np.median(conv_times)), float(np.median(att_times)), float(np.median(ratios))
 
 
 def main() -> None:
@@ -103,16 +113,17 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         size, width = _parse_shape(shape)
-        conv = measure_conv(size, width, args.batch, args.repeats)
+        conv = conv_step(size, width, args.batch)
         for impl in args.implementations:
-            att = measure_attention(size, width, args.batch, impl, args.repeats)
+            att = attention_step(size, width, args.batch, impl)
+            conv_s, att_s, ratio = time_pair(conv, att, args.repeats)
             rows.append(
                 {
                     "shape": f"{size}x{size}x{width}",
                     "implementation": impl,
-                    "conv_ms": 1e3 * conv["seconds"],
-                    "attention_ms": 1e3 * att["seconds"],
-                    "time_ratio": att["seconds"] / conv["seconds"],
+                    "conv_ms": 1e3 * conv_s,
+                    "attention_ms": 1e3 * att_s,
+                    "time_ratio": ratio,
                     "conv_temp_mib": conv["temp_bytes"] / 2**20,
                     "attention_temp_mib": att["temp_bytes"] / 2**20,
                     "temp_ratio": att["temp_bytes"] / max(conv["temp_bytes"], 1),
