@@ -173,11 +173,8 @@ def _step_size(
     padded row of tiles costs a row's compute and its halo's memory; one more small step
     costs about as much, measured at 28x28); else some of the heads of one row of tiles."""
     if per_row > budget:
-        part = max(
-            [d for d in range(1, heads + 1) if heads % d == 0 and per_row * d <= budget * heads]
-            or [1]
-        )
-        return 1, 1, part
+        divisors = (d for d in range(1, heads + 1) if heads % d == 0)
+        return 1, 1, max((d for d in divisors if per_row * d <= budget * heads), default=1)
     most = min(tile_rows, budget // per_row)
     rows = max(d for d in range(1, most + 1) if tile_rows % d == 0)
     if rows < tile_rows:
@@ -268,7 +265,7 @@ def _step_blocks(x: Array, step: Array, p: Plan, extent, shift) -> Array:
     from the unpadded array, with zeros past the image, so nothing makes a padded copy."""
     rt, ct = p.q_rows, p.q_cols
     image, row, head = p.origin(step)
-    n, height, width, _, e = x.shape
+    _, height, width, _, e = x.shape
     x = jax.lax.dynamic_slice(x, (image, 0, 0, head, 0), (p.images, height, width, p.heads, e))
     rows = np.arange(p.tile_rows)[:, None, None, None] * rt.tile
     rows = rows + np.arange(extent[0])[None, None, :, None] - shift[0]
