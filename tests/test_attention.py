@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 
 import chex
@@ -61,6 +63,27 @@ def _case_id(case):
     return f"{border}-img{image[0]}x{image[1]}-win{window}-dil{dilation}-{tables}"
 
 
+# The reference's results for a case, computed once and shared by every implementation's test.
+@functools.cache
+def _reference_outputs(case):
+    border, image, window, dilation, rel = case
+    q, k, v, tables = _inputs(0, image, window, border, rel)
+    return reference_attention(q, k, v, window=window, dilation=dilation, border=border, **tables)
+
+
+@functools.cache
+def _reference_gradients(case):
+    border, image, window, dilation, rel = case
+    q, k, v, tables = _inputs(1, image, window, border, rel)
+    cotangent = jax.random.normal(jax.random.key(2), v.shape)
+    static = dict(window=window, dilation=dilation, border=border)
+
+    def loss(q, k, v, tables):
+        return jnp.sum(reference_attention(q, k, v, **tables, **static)[0] * cotangent)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, tables)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference(implementation, case):
@@ -70,7 +93,7 @@ def test_matches_reference(implementation, case):
     out, weights = local_attention(
         q, k, v, implementation=implementation, return_weights=True, **kwargs
     )
-    ref_out, ref_weights = reference_attention(q, k, v, **kwargs)
+    ref_out, ref_weights = _reference_outputs(case)
     chex.assert_shape(out, v.shape)
     chex.assert_shape(weights, q.shape[:4] + (ref_weights.shape[-1],))
     chex.assert_trees_all_close(out, ref_out, atol=1e-4, rtol=1e-4)
@@ -85,17 +108,50 @@ def test_gradients_match_reference(implementation, case):
     cotangent = jax.random.normal(jax.random.key(2), v.shape)
     static = dict(window=window, dilation=dilation, border=border)
 
-    def loss(fn, q, k, v, tables):
-        return jnp.sum(fn(q, k, v, **tables, **static) * cotangent)
+    def loss(q, k, v, tables):
+        out = local_attention(q, k, v, implementation=implementation, **tables, **static)
+        return jnp.sum(out * cotangent)
 
-    def ours(q, k, v, **kw):
-        return local_attention(q, k, v, implementation=implementation, **kw)
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, tables)
+    chex.assert_trees_all_close(grads, _reference_gradients(case), atol=1e-3, rtol=1e-3)
 
-    def ref(q, k, v, **kw):
-        return reference_attention(q, k, v, **kw)[0]
 
-    grads = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3))(q, k, v, tables)
-    ref_grads = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2, 3))(q, k, v, tables)
+# (heads, dim, dim_v): the layer's head widths (8 heads of 8, 16, 32, 64), a head count that
+# is not a multiple of 8, and unequal dim and dim_v.
+HEAD_SHAPES = [(8, 8, 8), (8, 16, 16), (10, 8, 8), (3, 32, 32), (1, 64, 64), (5, 6, 10)]
+
+
+_HEAD_STATIC = dict(window=5, border="mask")
+
+
+@functools.cache
+def _head_case(heads, dim, dim_v):
+    """Inputs, a cotangent, and the reference's output and gradients (computed once)."""
+    q, k, v, tables = _inputs(4, (5, 9), 5, "mask", True, heads=heads, dim=dim, dim_v=dim_v)
+    cotangent = jax.random.normal(jax.random.key(6), v.shape)
+
+    def loss(q, k, v, tables):
+        out = reference_attention(q, k, v, **tables, **_HEAD_STATIC)[0]
+        return jnp.sum(out * cotangent), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (_, out), grads = step(q, k, v, tables)
+    return (q, k, v, tables, cotangent), (out, grads)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("heads, dim, dim_v", HEAD_SHAPES, ids=lambda x: str(x))
+def test_head_shapes_match_reference(implementation, heads, dim, dim_v):
+    """Outputs and gradients for head counts and widths beyond the small cases above."""
+    (q, k, v, tables, cotangent), (ref_out, ref_grads) = _head_case(heads, dim, dim_v)
+
+    def loss(q, k, v, tables):
+        out = local_attention(q, k, v, implementation=implementation, **tables, **_HEAD_STATIC)
+        return jnp.sum(out * cotangent), out
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (_, out), grads = step(q, k, v, tables)
+    chex.assert_trees_all_close(out, ref_out, atol=1e-4, rtol=1e-4)
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-3, rtol=1e-3)
 
 
@@ -274,9 +330,11 @@ def test_errors_come_before_tracing_under_jit():
 
 def test_implementations_listed():
     for backend in (None, "cpu"):
-        assert {"auto", "dense", "fused", "gather", "tiled"} <= set(
+        assert {"auto", "dense", "fused", "gather", "native", "tiled"} <= set(
             sasa_jax.attention_implementations(backend)
         )
+    # The C++ kernel is for XLA's CPU backend only.
+    assert "native" not in sasa_jax.attention_implementations("gpu")
 
 
 CHUNKING = {
@@ -369,17 +427,26 @@ def test_steps_split_heads_when_a_row_of_tiles_does_not_fit(monkeypatch):
     assert origins == {(i, r, h) for i in range(3) for r in range(3) for h in (0, 2, 4)}
 
 
-def test_auto_picks_by_map_size_and_takes_new_rules():
+def test_auto_picks_by_map_size_and_takes_new_rules(monkeypatch):
     from sasa_jax.attention import add_auto_rule, auto_choice, axis_window
+    from sasa_jax.attention.api import _REGISTRY
 
     def windows(size, window=7):
         return axis_window(size, window, 1, "mask"), axis_window(size, window, 1, "mask")
 
+    # CPU: the C++ kernel wherever it is built (it is, on this project's machines).
+    for size, dim in ((7, 64), (14, 32), (28, 16), (56, 8)):
+        assert auto_choice((8, size, size, 8, dim), *windows(size), backend="cpu") == "native"
+    # Without it: dense on small maps, tiled on large ones.
+    native = _REGISTRY["native"]
+    monkeypatch.setitem(
+        _REGISTRY, "native", dataclasses.replace(native, available=lambda backend: False)
+    )
     assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="cpu") == "dense"
     assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="cpu") == "dense"
     assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="cpu") == "tiled"
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="cpu") == "tiled"
-    # GPU: dense only where the map fits in one window (measured on an H100).
+    # GPU: dense only where the map fits in one window (measured on an H100); never native.
     assert auto_choice((8, 7, 7, 8, 64), *windows(7), backend="gpu") == "dense"
     assert auto_choice((8, 14, 14, 8, 32), *windows(14), backend="gpu") == "tiled"
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="gpu") == "fused"

@@ -4,7 +4,7 @@
 Importing an implementation module registers it.
 """
 
-from sasa_jax.attention import fused, gather, tiled  # noqa: F401  (register them)
+from sasa_jax.attention import fused, gather, native, tiled  # noqa: F401  (register them)
 from sasa_jax.attention.api import (
     Implementation,
     add_auto_rule,

@@ -60,19 +60,24 @@ def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: 
 
 
 def _default_rules(backend: str) -> list[tuple[str, Callable[..., bool]]]:
-    # Measured with benchmarks/attention.py (README, "Performance"). On a 2-core CPU dense wins
-    # where the window covers a quarter of the map or more, and tiled everywhere else (since
-    # its custom backward pass it also beats fused at head dim 8). On an H100 (one run, batch
-    # 8, with the previous tiled) tiled already beat dense at 14x14 (0.6 against 1.0 ms), so
-    # dense is kept for maps no larger than the window, and fused won at head dim 8. TPU has
-    # no measurements and takes the CPU's rules.
+    # Measured with benchmarks/attention.py (README, "Performance"). On CPU the C++ kernel
+    # ("native", where it could be built) beats every pure-JAX implementation at every ResNet
+    # stage shape; without it, dense wins where the window covers a quarter of the map or
+    # more, and tiled everywhere else. On an H100 (one run, batch 8, with the previous tiled)
+    # tiled already beat dense at 14x14 (0.6 against 1.0 ms), so dense is kept for maps no
+    # larger than the window, and fused won at head dim 8. TPU has no measurements and takes
+    # the CPU's pure-JAX rules.
     if backend == "gpu":
         return [
             ("dense", _map_within_window),
             ("fused", lambda q_shape, rows, cols: q_shape[-1] <= 8),
             ("tiled", lambda *_: True),
         ]
-    return [("dense", _window_covers_map), ("tiled", lambda *_: True)]
+    return [
+        ("native", lambda *_: True),
+        ("dense", _window_covers_map),
+        ("tiled", lambda *_: True),
+    ]
 
 
 def auto_choice(

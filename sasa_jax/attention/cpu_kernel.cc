@@ -1,0 +1,798 @@
+// The "native" implementation of sasa_jax.local_attention: exact 2-D local self-attention on
+// the CPU as two XLA FFI handlers, forward and backward. Built and loaded by native.py.
+//
+// Layout. The inputs are q, k [B, H, W, n, d] and v [B, H, W, n, e] (float32, row-major). The
+// kernel vectorises over heads: a vector holds one value of 8 heads (a "head group"; lanes past
+// n are zero). Work items are (image, head group) pairs, or rows of one for the forward pass,
+// spread over XLA's intra-op thread pool. An item walks the query rows in order and keeps the
+// key rows that the current query row's windows reach in a ring buffer, transposed to
+// [column][channel][8 heads]; the backward pass adds dk and dv into a second such ring and
+// writes a key row out once no later query row reaches it. Every output element is computed by
+// one item in a fixed order, so the results do not depend on the number of threads.
+//
+// Geometry. Python passes, for each axis, every query position's window taps: position (may be
+// outside the image), membership (the tap takes part in the softmax) and relative-table row.
+// That one table covers the borders "mask", "zeros" and "clamp", dilation and even windows.
+// A member tap outside the image (border "zeros") is a zero key and value.
+//
+// Numerics. Logits are computed in log2 units: keys and relative tables are scaled by log2(e)
+// as they are loaded, so each softmax weight is one exp2. The forward pass returns the output,
+// each query's largest logit m (log2 units) and the sum l of 2^(logit - m); the backward pass
+// recomputes the weights from them (flash-attention style) and never stores logits.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 8;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+typedef float Vec __attribute__((vector_size(32), aligned(32)));
+typedef int32_t IVec __attribute__((vector_size(32), aligned(32)));
+
+inline Vec Splat(float x) { return Vec{} + x; }
+
+// 2^x for x <= 1, to within 1 ulp; exactly 0 below -125 (2^-125 is 2.4e-38: every weight that
+// small is 0 after float32 rounding of a sum that holds a weight of 1).
+inline Vec Exp2(Vec x) {
+  const IVec keep = x >= Splat(-125.0f);
+  x = x < Splat(-125.0f) ? Splat(-125.0f) : x;
+  // x + 1.5 * 2^23 rounds x to the nearest integer n and leaves n in the low mantissa bits.
+  const Vec shifted = x + 12582912.0f;
+  const Vec n = shifted - 12582912.0f;
+  const IVec exponent = ((IVec)shifted - 0x4B400000) << 23;
+  const Vec r = x - n;  // in [-0.5, 0.5]
+  // Least-squares polynomial for 2^r on [-0.5, 0.5] (relative error below 1e-7 in float32).
+  Vec y = Splat(1.5337577e-4f);
+  y = y * r + 1.3399860e-3f;
+  y = y * r + 9.6185198e-3f;
+  y = y * r + 5.5503290e-2f;
+  y = y * r + 2.4022646e-1f;
+  y = y * r + 6.9314718e-1f;
+  y = y * r + 1.0f;
+  return (Vec)(((IVec)y + exponent) & keep);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads.
+
+// Runs fn(item, worker) for every item in [0, items): on the calling thread and on up to
+// workers - 1 threads of XLA's pool. A worker index is < workers, so it can pick a scratch slot.
+// The caller waits only for items that have been claimed, so a pool thread that starts late finds
+// nothing left and returns; its shared state outlives this call.
+void RunParallel(ffi::ThreadPool& pool, int64_t items, int64_t workers,
+                 std::function<void(int64_t, int64_t)> fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0}, worker{0};
+    int64_t items = 0;
+    std::function<void(int64_t, int64_t)> fn;
+  };
+  auto state = std::make_shared<State>();
+  state->items = items;
+  state->fn = std::move(fn);
+  auto work = [state]() {
+    int64_t worker = -1;
+    for (int64_t item; (item = state->next.fetch_add(1)) < state->items;) {
+      if (worker < 0) worker = state->worker.fetch_add(1);
+      state->fn(item, worker);
+      state->done.fetch_add(1);
+    }
+  };
+  const int64_t helpers =
+      std::max<int64_t>(0, std::min<int64_t>({pool.num_threads(), items - 1, workers - 1}));
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  while (state->done.load() < items) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Geometry.
+
+struct Tap {
+  int pos;      // key position along the axis
+  int rel;      // relative-table row
+  bool inside;  // 0 <= pos < size
+  int slot;     // ring-buffer slot of a key row: pos % span (0 outside)
+};
+
+struct Axis {
+  int size = 0;
+  std::vector<std::vector<Tap>> taps;  // member taps of each query position
+  std::vector<char> all_inside;        // every member tap of the position is inside the image
+  std::vector<int> lo, hi;  // key rows live while query row i runs: [lo[i], hi[i]]
+  int span = 1;             // most key rows live at once
+  int most_taps = 0;
+};
+
+Axis MakeAxis(int size, int window, ffi::Span<const int64_t> pos, ffi::Span<const int64_t> member,
+              ffi::Span<const int64_t> rel) {
+  Axis a;
+  a.size = size;
+  a.taps.resize(size);
+  a.all_inside.assign(size, 1);
+  a.lo.assign(size, size);
+  a.hi.assign(size, -1);
+  for (int i = 0; i < size; ++i) {
+    for (int t = 0; t < window; ++t) {
+      const int64_t at = static_cast<int64_t>(i) * window + t;
+      if (!member[at]) continue;
+      const int p = static_cast<int>(pos[at]);
+      const bool inside = p >= 0 && p < size;
+      a.taps[i].push_back({p, static_cast<int>(rel[at]), inside, 0});
+      if (inside) {
+        a.lo[i] = std::min(a.lo[i], p);
+        a.hi[i] = std::max(a.hi[i], p);
+      } else {
+        a.all_inside[i] = 0;
+      }
+    }
+    a.most_taps = std::max<int>(a.most_taps, a.taps[i].size());
+  }
+  // A later query row can reach further back than an earlier one (dilation skips rows outside
+  // the image), so a key row stays live until no later query row reaches it.
+  for (int i = size - 2; i >= 0; --i) a.lo[i] = std::min(a.lo[i], a.lo[i + 1]);
+  for (int i = 1; i < size; ++i) a.hi[i] = std::max(a.hi[i], a.hi[i - 1]);
+  for (int i = 0; i < size; ++i) a.span = std::max(a.span, a.hi[i] - a.lo[i] + 1);
+  for (auto& taps : a.taps)
+    for (Tap& tap : taps) tap.slot = tap.inside ? tap.pos % a.span : 0;
+  return a;
+}
+
+struct Dims {
+  int64_t B, H, W, n, d, e, groups;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Layout: [.., n, ch] pixels <-> [ch][8 heads] vectors.
+
+#if defined(__AVX__)
+// Transposes an 8x8 float block: rows of `in` (stride in_stride) into rows of `out`.
+inline void Transpose8x8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m256 r0 = _mm256_loadu_ps(in + 0 * in_stride), r1 = _mm256_loadu_ps(in + 1 * in_stride);
+  __m256 r2 = _mm256_loadu_ps(in + 2 * in_stride), r3 = _mm256_loadu_ps(in + 3 * in_stride);
+  __m256 r4 = _mm256_loadu_ps(in + 4 * in_stride), r5 = _mm256_loadu_ps(in + 5 * in_stride);
+  __m256 r6 = _mm256_loadu_ps(in + 6 * in_stride), r7 = _mm256_loadu_ps(in + 7 * in_stride);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(out + 0 * out_stride, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(out + 1 * out_stride, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(out + 2 * out_stride, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(out + 3 * out_stride, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(out + 4 * out_stride, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(out + 5 * out_stride, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(out + 6 * out_stride, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(out + 7 * out_stride, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#endif
+
+// One pixel's [heads][ch] values of head group g (at src) -> ch vectors of 8 heads, times scale.
+inline void PixelIn(const float* src, int64_t lanes, int64_t ch, float scale, Vec* out) {
+#if defined(__AVX__)
+  if (lanes == kLanes && ch % kLanes == 0) {
+    for (int64_t c0 = 0; c0 < ch; c0 += kLanes)
+      Transpose8x8(src + c0, ch, reinterpret_cast<float*>(out + c0), kLanes);
+    if (scale != 1.0f)
+      for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < ch; ++c) {
+    Vec v = {};
+    for (int64_t l = 0; l < lanes; ++l) v[l] = src[l * ch + c] * scale;
+    out[c] = v;
+  }
+}
+
+// The inverse of PixelIn (without scaling): ch vectors -> [lanes][ch] at dst.
+inline void PixelOut(const Vec* in, int64_t lanes, int64_t ch, float* dst) {
+#if defined(__AVX__)
+  if (lanes == kLanes && ch % kLanes == 0) {
+    for (int64_t c0 = 0; c0 < ch; c0 += kLanes)
+      Transpose8x8(reinterpret_cast<const float*>(in + c0), kLanes, dst + c0, ch);
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < lanes; ++l)
+    for (int64_t c = 0; c < ch; ++c) dst[l * ch + c] = in[c][l];
+}
+
+struct Layout {
+  const Dims& D;
+  int64_t b;
+  int g;
+  int64_t lanes;  // heads in this group
+  const float* Pixel(const float* x, int64_t ch, int64_t i, int64_t j) const {
+    return x + (((b * D.H + i) * D.W + j) * D.n + g * kLanes) * ch;
+  }
+  float* Pixel(float* x, int64_t ch, int64_t i, int64_t j) const {
+    return x + (((b * D.H + i) * D.W + j) * D.n + g * kLanes) * ch;
+  }
+  Vec Scalars(const float* x, int64_t i, int64_t j) const {
+    const float* src = Pixel(x, 1, i, j);
+    Vec v = {};
+    for (int64_t l = 0; l < lanes; ++l) v[l] = src[l];
+    return v;
+  }
+  void RowIn(const float* x, int64_t ch, int64_t row, float scale, Vec* ring) const {
+    for (int64_t j = 0; j < D.W; ++j) PixelIn(Pixel(x, ch, row, j), lanes, ch, scale, ring + j * ch);
+  }
+  void RowOut(const Vec* ring, int64_t ch, int64_t row, float* x) const {
+    for (int64_t j = 0; j < D.W; ++j) PixelOut(ring + j * ch, lanes, ch, Pixel(x, ch, row, j));
+  }
+};
+
+template <int kD>
+inline Vec Dot(const Vec* __restrict a, const Vec* __restrict b, int n) {
+  const int d = kD ? kD : n;
+  Vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int i = 0;
+  for (; i + 4 <= d; i += 4) {
+    a0 += a[i] * b[i];
+    a1 += a[i + 1] * b[i + 1];
+    a2 += a[i + 2] * b[i + 2];
+    a3 += a[i + 3] * b[i + 3];
+  }
+  for (; i < d; ++i) a0 += a[i] * b[i];
+  return (a0 + a1) + (a2 + a3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The common work of both passes for one query: its taps, relative terms and logits.
+
+struct Problem {
+  Dims D;
+  Axis rows, cols;
+  bool has_rel;
+  int rel_rows, rel_cols;
+  std::vector<float> rel_row2, rel_col2;  // the relative tables times log2(e)
+  const float* rel_row;                   // unscaled, [rel_rows, d/2]
+  const float* rel_col;
+};
+
+// A query's member taps in row-major order (row tap t, column tap u at x = t * columns + u):
+// the rows' ring-buffer offsets, the columns' offsets within a row, and which are inside the
+// image (a member tap outside it is a zero key and value: border "zeros").
+struct QueryTaps {
+  const std::vector<Tap>* rows;
+  const std::vector<Tap>* cols;
+  int nr = 0, nc = 0, count = 0;
+  bool all_inside = true;
+  std::vector<size_t> row_key, row_value;  // [nr]: slot * row size
+  std::vector<size_t> col_key, col_value;  // [nc]: position * channels
+  std::vector<Vec> by_col;                 // scratch for Logits
+  void Resize(const Problem& P);
+  void SetRow(const std::vector<Tap>& rt, size_t krow, size_t vrow) {
+    rows = &rt;
+    nr = static_cast<int>(rt.size());
+    for (int t = 0; t < nr; ++t) {
+      row_key[t] = rt[t].slot * krow;
+      row_value[t] = rt[t].slot * vrow;
+    }
+  }
+  void SetColumn(const std::vector<Tap>& ct, bool cols_inside, int d, int e) {
+    cols = &ct;
+    nc = static_cast<int>(ct.size());
+    count = nr * nc;
+    for (int u = 0; u < nc; ++u) {
+      col_key[u] = static_cast<size_t>(ct[u].pos) * d;
+      col_value[u] = static_cast<size_t>(ct[u].pos) * e;
+    }
+    all_inside = cols_inside;
+    for (const Tap& r : *rows) all_inside = all_inside && r.inside;
+  }
+  // fn(x, key offset, value offset) for every tap inside the image.
+  template <typename Fn>
+  void ForInside(Fn&& fn) const {
+    for (int t = 0, x = 0; t < nr; ++t) {
+      if (!(*rows)[t].inside) {
+        x += nc;
+        continue;
+      }
+      const size_t rk = row_key[t], rv = row_value[t];
+      if (all_inside) {
+        for (int u = 0; u < nc; ++u, ++x) fn(x, rk + col_key[u], rv + col_value[u]);
+      } else {
+        for (int u = 0; u < nc; ++u, ++x)
+          if ((*cols)[u].inside) fn(x, rk + col_key[u], rv + col_value[u]);
+      }
+    }
+  }
+};
+
+void QueryTaps::Resize(const Problem& P) {
+  row_key.resize(std::max(1, P.rows.most_taps));
+  row_value.resize(std::max(1, P.rows.most_taps));
+  col_key.resize(std::max(1, P.cols.most_taps));
+  col_value.resize(std::max(1, P.cols.most_taps));
+  by_col.resize(std::max(1, P.cols.most_taps));
+}
+
+// Logits (log2 units) of one query against its member taps into s; returns their maximum.
+// A zero key outside the image has the relative terms alone as its logit.
+template <int kD>
+inline Vec Logits(const Problem& P, const Vec* __restrict q, QueryTaps& taps,
+                  const Vec* __restrict key_ring, int d, Vec* __restrict s) {
+  const int h = d / 2;
+  const int nc = taps.nc;
+  Vec* __restrict by_col = taps.by_col.data();
+  for (int u = 0; u < nc; ++u) {
+    Vec y = {};
+    if (P.has_rel) {
+      const float* r = P.rel_col2.data() + static_cast<size_t>((*taps.cols)[u].rel) * h;
+      for (int c = 0; c < h; ++c) y += q[h + c] * r[c];
+    }
+    by_col[u] = y;
+  }
+  Vec m0 = Splat(-INFINITY), m1 = m0;
+  for (int t = 0, x = 0; t < taps.nr; ++t) {
+    const Tap& row = (*taps.rows)[t];
+    Vec y = {};
+    if (P.has_rel) {
+      const float* r = P.rel_row2.data() + static_cast<size_t>(row.rel) * h;
+      for (int c = 0; c < h; ++c) y += q[c] * r[c];
+    }
+    const Vec* __restrict keys = key_ring + taps.row_key[t];
+    if (taps.all_inside) {
+      int u = 0;
+      for (; u + 2 <= nc; u += 2, x += 2) {
+        const Vec s0 = y + by_col[u] + Dot<kD>(q, keys + taps.col_key[u], d);
+        const Vec s1 = y + by_col[u + 1] + Dot<kD>(q, keys + taps.col_key[u + 1], d);
+        s[x] = s0;
+        s[x + 1] = s1;
+        m0 = s0 > m0 ? s0 : m0;
+        m1 = s1 > m1 ? s1 : m1;
+      }
+      if (u < nc) {
+        const Vec s0 = y + by_col[u] + Dot<kD>(q, keys + taps.col_key[u], d);
+        s[x++] = s0;
+        m0 = s0 > m0 ? s0 : m0;
+      }
+    } else {
+      for (int u = 0; u < nc; ++u, ++x) {
+        Vec s0 = y + by_col[u];
+        if (row.inside && (*taps.cols)[u].inside) s0 += Dot<kD>(q, keys + taps.col_key[u], d);
+        s[x] = s0;
+        m0 = s0 > m0 ? s0 : m0;
+      }
+    }
+  }
+  return m0 > m1 ? m0 : m1;
+}
+
+// out[c] = sum over inside taps of weight[x] * ring[value offset + c], in chunks of 8 channels
+// so that the sums stay in registers. use_keys picks the key offsets instead.
+template <int kN>
+inline void WeightedSum(const QueryTaps& taps, const Vec* __restrict weight, bool use_keys,
+                        const Vec* __restrict ring, int n, Vec* __restrict out) {
+  const int channels = kN ? kN : n;
+  for (int c0 = 0; c0 < channels; c0 += kLanes) {
+    const int cn = std::min(kLanes, channels - c0);
+    Vec sum[kLanes] = {};
+    taps.ForInside([&](int x, size_t key_at, size_t value_at) {
+      const Vec w = weight[x];
+      const Vec* __restrict row = ring + (use_keys ? key_at : value_at) + c0;
+      for (int c = 0; c < cn; ++c) sum[c] += w * row[c];
+    });
+    for (int c = 0; c < cn; ++c) out[c0 + c] = sum[c];
+  }
+}
+
+// ring[offset + c] += weight[x] * v[c] for every inside tap, in chunks of 8 channels.
+template <int kN>
+inline void ScatterAdd(const QueryTaps& taps, const Vec* __restrict weight, bool use_keys,
+                       const Vec* __restrict v, int n, Vec* __restrict ring) {
+  const int channels = kN ? kN : n;
+  for (int c0 = 0; c0 < channels; c0 += kLanes) {
+    const int cn = std::min(kLanes, channels - c0);
+    Vec vs[kLanes];
+    for (int c = 0; c < cn; ++c) vs[c] = v[c0 + c];
+    taps.ForInside([&](int x, size_t key_at, size_t value_at) {
+      const Vec w = weight[x];
+      Vec* __restrict row = ring + (use_keys ? key_at : value_at) + c0;
+      for (int c = 0; c < cn; ++c) row[c] += w * vs[c];
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward pass.
+
+size_t ForwardScratch(const Problem& P) {  // in vectors
+  return static_cast<size_t>(P.rows.span) * P.D.W * (P.D.d + P.D.e) +
+         static_cast<size_t>(P.rows.most_taps) * P.cols.most_taps + P.D.d + P.D.e;
+}
+
+template <int kD, int kE>
+void ForwardItem(const Problem& P, const float* q, const float* k, const float* v, float* out,
+                 float* m_out, float* l_out, int64_t b, int g, int64_t first_row, int64_t end_row,
+                 Vec* scratch) {
+  const Dims& D = P.D;
+  const int d = kD ? kD : static_cast<int>(D.d), e = kE ? kE : static_cast<int>(D.e);
+  const int span = P.rows.span;
+  const size_t krow = static_cast<size_t>(D.W) * d, vrow = static_cast<size_t>(D.W) * e;
+  const int most = P.rows.most_taps * P.cols.most_taps;
+  Vec* __restrict kring = scratch;
+  Vec* __restrict vring = kring + span * krow;
+  Vec* __restrict s = vring + span * vrow;
+  // With compile-time sizes the query's vectors are locals, which the compiler keeps in
+  // registers (it cannot tell that pointers into the scratch slot do not alias).
+  Vec q_local[kD ? kD : 1], acc_local[kE ? kE : 1];
+  Vec* __restrict qv = kD ? q_local : s + most;
+  Vec* __restrict acc = kE ? acc_local : s + most + d;
+  QueryTaps taps;
+  taps.Resize(P);
+  const Layout L{D, b, g, std::min<int64_t>(kLanes, D.n - g * kLanes)};
+  int64_t loaded = P.rows.lo[first_row] - 1;
+  for (int64_t i = first_row; i < end_row; ++i) {
+    for (; loaded < P.rows.hi[i];) {
+      ++loaded;
+      L.RowIn(k, d, loaded, kLog2e, kring + (loaded % span) * krow);
+      L.RowIn(v, e, loaded, 1.0f, vring + (loaded % span) * vrow);
+    }
+    taps.SetRow(P.rows.taps[i], krow, vrow);
+    for (int64_t j = 0; j < D.W; ++j) {
+      taps.SetColumn(P.cols.taps[j], P.cols.all_inside[j], d, e);
+      PixelIn(L.Pixel(q, d, i, j), L.lanes, d, 1.0f, qv);
+      const Vec m = Logits<kD>(P, qv, taps, kring, d, s);
+      Vec l0 = {}, l1 = {};
+      int x = 0;
+      for (; x + 2 <= taps.count; x += 2) {
+        const Vec p0 = Exp2(s[x] - m), p1 = Exp2(s[x + 1] - m);
+        s[x] = p0;
+        s[x + 1] = p1;
+        l0 += p0;
+        l1 += p1;
+      }
+      if (x < taps.count) {
+        const Vec p0 = Exp2(s[x] - m);
+        s[x] = p0;
+        l0 += p0;
+      }
+      const Vec l = l0 + l1;
+      WeightedSum<kE>(taps, s, false, vring, e, acc);
+      const Vec inv = 1.0f / l;
+      for (int c = 0; c < e; ++c) acc[c] *= inv;
+      PixelOut(acc, L.lanes, e, L.Pixel(out, e, i, j));
+      float* mp = L.Pixel(m_out, 1, i, j);
+      float* lp = L.Pixel(l_out, 1, i, j);
+      for (int64_t lane = 0; lane < L.lanes; ++lane) {
+        mp[lane] = m[lane];
+        lp[lane] = l[lane];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward pass.
+
+size_t BackwardScratch(const Problem& P) {  // in vectors
+  const size_t taps = static_cast<size_t>(P.rows.most_taps) * P.cols.most_taps;
+  return static_cast<size_t>(P.rows.span) * P.D.W * 2 * (P.D.d + P.D.e) + 2 * taps +
+         2 * P.D.d + P.D.e + static_cast<size_t>(P.rel_rows + P.rel_cols) * (P.D.d / 2);
+}
+
+template <int kD, int kE>
+void BackwardItem(const Problem& P, const float* q, const float* k, const float* v,
+                  const float* d_out, const float* m_in, const float* l_in, const float* delta,
+                  float* dq, float* dk, float* dv, float* d_rel_row, float* d_rel_col, int64_t b,
+                  int g, Vec* scratch) {
+  const Dims& D = P.D;
+  const int d = kD ? kD : static_cast<int>(D.d), e = kE ? kE : static_cast<int>(D.e);
+  const int h = d / 2;
+  const int span = P.rows.span;
+  const size_t krow = static_cast<size_t>(D.W) * d, vrow = static_cast<size_t>(D.W) * e;
+  const int most = P.rows.most_taps * P.cols.most_taps;
+  Vec* __restrict kring = scratch;
+  Vec* __restrict vring = kring + span * krow;
+  Vec* __restrict dkring = vring + span * vrow;
+  Vec* __restrict dvring = dkring + span * krow;
+  Vec* __restrict p = dvring + span * vrow;  // the weights, then
+  Vec* __restrict ds = p + most;             // the logits' gradients
+  Vec q_local[kD ? kD : 1], dq_local[kD ? kD : 1], do_local[kE ? kE : 1];
+  Vec* __restrict qv = kD ? q_local : ds + most;
+  Vec* __restrict dqv = kD ? dq_local : ds + most + d;
+  Vec* __restrict dov = kE ? do_local : ds + most + 2 * d;
+  // [rel_rows][h] and [rel_cols][h], summed over the lanes at the end.
+  Vec* __restrict rel_acc_row = ds + most + 2 * d + e;
+  Vec* __restrict rel_acc_col = rel_acc_row + static_cast<size_t>(P.rel_rows) * h;
+  for (size_t x = 0; x < static_cast<size_t>(P.rel_rows + P.rel_cols) * h; ++x)
+    rel_acc_row[x] = Vec{};
+  QueryTaps taps;
+  taps.Resize(P);
+  const Layout L{D, b, g, std::min<int64_t>(kLanes, D.n - g * kLanes)};
+  int64_t loaded = -1, written = -1;
+  auto write_rows_to = [&](int64_t last) {  // rows (written, last] get no more contributions
+    for (; written < last;) {
+      ++written;
+      L.RowOut(dkring + (written % span) * krow, d, written, dk);
+      L.RowOut(dvring + (written % span) * vrow, e, written, dv);
+    }
+  };
+  for (int64_t i = 0; i < D.H; ++i) {
+    write_rows_to(P.rows.lo[i] - 1);
+    for (; loaded < P.rows.hi[i];) {
+      ++loaded;
+      L.RowIn(k, d, loaded, kLog2e, kring + (loaded % span) * krow);
+      L.RowIn(v, e, loaded, 1.0f, vring + (loaded % span) * vrow);
+      std::memset(static_cast<void*>(dkring + (loaded % span) * krow), 0, krow * sizeof(Vec));
+      std::memset(static_cast<void*>(dvring + (loaded % span) * vrow), 0, vrow * sizeof(Vec));
+    }
+    const std::vector<Tap>& rt = P.rows.taps[i];
+    const int nr = static_cast<int>(rt.size());
+    taps.SetRow(rt, krow, vrow);
+    for (int64_t j = 0; j < D.W; ++j) {
+      const std::vector<Tap>& ct = P.cols.taps[j];
+      const int nc = static_cast<int>(ct.size());
+      taps.SetColumn(ct, P.cols.all_inside[j], d, e);
+      PixelIn(L.Pixel(q, d, i, j), L.lanes, d, 1.0f, qv);
+      PixelIn(L.Pixel(d_out, e, i, j), L.lanes, e, 1.0f, dov);
+      const Vec m = L.Scalars(m_in, i, j);
+      Vec l = L.Scalars(l_in, i, j);
+      for (int64_t lane = L.lanes; lane < kLanes; ++lane) l[lane] = 1.0f;
+      const Vec inv = 1.0f / l;
+      const Vec dlt = L.Scalars(delta, i, j);
+      Logits<kD>(P, qv, taps, kring, d, p);
+      for (int x = 0; x < taps.count; ++x) p[x] = Exp2(p[x] - m) * inv;  // the weights
+      // ds = p * (dp - delta) with dp = dO . v; a zero value outside the image has dp = 0.
+      if (!taps.all_inside)
+        for (int x = 0; x < taps.count; ++x) ds[x] = -p[x] * dlt;
+      taps.ForInside([&](int x, size_t, size_t value_at) {
+        ds[x] = p[x] * (Dot<kE>(dov, vring + value_at, e) - dlt);
+      });
+      WeightedSum<kD>(taps, ds, true, kring, d, dqv);  // with log2-scaled keys
+      for (int c = 0; c < d; ++c) dqv[c] *= kLn2;
+      ScatterAdd<kD>(taps, ds, true, qv, d, dkring);
+      ScatterAdd<kE>(taps, p, false, dov, e, dvring);
+      if (P.has_rel) {  // the relative terms' gradients: sums of ds over each row and column
+        for (int t = 0; t < nr; ++t) {
+          Vec sum = {};
+          for (int u = 0; u < nc; ++u) sum += ds[t * nc + u];
+          const float* r = P.rel_row + static_cast<size_t>(rt[t].rel) * h;
+          Vec* accum = rel_acc_row + static_cast<size_t>(rt[t].rel) * h;
+          for (int c = 0; c < h; ++c) {
+            dqv[c] += sum * r[c];
+            accum[c] += sum * qv[c];
+          }
+        }
+        for (int u = 0; u < nc; ++u) {
+          Vec sum = {};
+          for (int t = 0; t < nr; ++t) sum += ds[t * nc + u];
+          const float* r = P.rel_col + static_cast<size_t>(ct[u].rel) * h;
+          Vec* accum = rel_acc_col + static_cast<size_t>(ct[u].rel) * h;
+          for (int c = 0; c < h; ++c) {
+            dqv[h + c] += sum * r[c];
+            accum[c] += sum * qv[h + c];
+          }
+        }
+      }
+      PixelOut(dqv, L.lanes, d, L.Pixel(dq, d, i, j));
+    }
+  }
+  write_rows_to(D.H - 1);
+  if (P.has_rel) {
+    float* out_row = d_rel_row + (static_cast<size_t>(b) * D.groups + g) * P.rel_rows * h;
+    float* out_col = d_rel_col + (static_cast<size_t>(b) * D.groups + g) * P.rel_cols * h;
+    for (int x = 0; x < P.rel_rows * h; ++x) {
+      float sum = 0.0f;
+      for (int lane = 0; lane < kLanes; ++lane) sum += rel_acc_row[x][lane];
+      out_row[x] = sum;
+    }
+    for (int x = 0; x < P.rel_cols * h; ++x) {
+      float sum = 0.0f;
+      for (int lane = 0; lane < kLanes; ++lane) sum += rel_acc_col[x][lane];
+      out_col[x] = sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI handlers.
+
+using Spans = ffi::Span<const int64_t>;
+using Buf = ffi::Buffer<ffi::F32>;
+using Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error MakeProblem(Buf q, Buf v, Buf rel_row, Buf rel_col, int64_t kh, int64_t kw,
+                       int64_t has_rel, Spans rpos, Spans rmem, Spans rrel, Spans cpos,
+                       Spans cmem, Spans crel, Problem* P) {
+  const auto qd = q.dimensions();
+  const auto vd = v.dimensions();
+  if (qd.size() != 5 || vd.size() != 5) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q and v must be 5-D");
+  }
+  P->D = {qd[0], qd[1], qd[2], qd[3], qd[4], vd[4], (qd[3] + kLanes - 1) / kLanes};
+  const int64_t H = P->D.H, W = P->D.W;
+  if (static_cast<int64_t>(rpos.size()) != H * kh || static_cast<int64_t>(cpos.size()) != W * kw ||
+      rmem.size() != rpos.size() || rrel.size() != rpos.size() || cmem.size() != cpos.size() ||
+      crel.size() != cpos.size()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "window tables do not match the image");
+  }
+  P->rows = MakeAxis(static_cast<int>(H), static_cast<int>(kh), rpos, rmem, rrel);
+  P->cols = MakeAxis(static_cast<int>(W), static_cast<int>(kw), cpos, cmem, crel);
+  P->has_rel = has_rel != 0;
+  P->rel_rows = static_cast<int>(rel_row.dimensions()[0]);
+  P->rel_cols = static_cast<int>(rel_col.dimensions()[0]);
+  P->rel_row = rel_row.typed_data();
+  P->rel_col = rel_col.typed_data();
+  if (P->has_rel) {
+    const int64_t h = P->D.d / 2;
+    if (rel_row.dimensions()[1] != h || rel_col.dimensions()[1] != h) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "relative tables must be [L, d/2]");
+    }
+    P->rel_row2.assign(rel_row.typed_data(), rel_row.typed_data() + P->rel_rows * h);
+    P->rel_col2.assign(rel_col.typed_data(), rel_col.typed_data() + P->rel_cols * h);
+    for (float& x : P->rel_row2) x *= kLog2e;
+    for (float& x : P->rel_col2) x *= kLog2e;
+  }
+  return ffi::Error::Success();
+}
+
+// Scratch slots: [slots, floats], one per worker; checks that a slot holds `need` vectors.
+ffi::Error Slots(Out& workspace, size_t need, Vec** base, size_t* stride, int64_t* slots) {
+  const auto wd = workspace->dimensions();
+  *slots = wd[0];
+  *stride = static_cast<size_t>(wd[1]) / kLanes;
+  if (*stride < need || *slots < 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "workspace too small");
+  }
+  *base = reinterpret_cast<Vec*>(workspace->typed_data());
+  return ffi::Error::Success();
+}
+
+// Calls fn with compile-time channel counts where the layer's shapes need speed.
+template <template <int, int> class Fn, typename... Args>
+void Dispatch(int64_t d, int64_t e, Args&&... args) {
+  if (d == 8 && e == 8) return Fn<8, 8>::Run(std::forward<Args>(args)...);
+  if (d == 16 && e == 16) return Fn<16, 16>::Run(std::forward<Args>(args)...);
+  if (d == 32 && e == 32) return Fn<32, 32>::Run(std::forward<Args>(args)...);
+  if (d == 64 && e == 64) return Fn<64, 64>::Run(std::forward<Args>(args)...);
+  return Fn<0, 0>::Run(std::forward<Args>(args)...);
+}
+
+template <int kD, int kE>
+struct ForwardFn {
+  template <typename... Args>
+  static void Run(Args&&... args) {
+    ForwardItem<kD, kE>(std::forward<Args>(args)...);
+  }
+};
+
+template <int kD, int kE>
+struct BackwardFn {
+  template <typename... Args>
+  static void Run(Args&&... args) {
+    BackwardItem<kD, kE>(std::forward<Args>(args)...);
+  }
+};
+
+ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf rel_col, Out out,
+                   Out m_out, Out l_out, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
+                   int64_t row_blocks, Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem,
+                   Spans crel) {
+  Problem P;
+  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, rpos, rmem, rrel, cpos,
+                             cmem, crel, &P);
+      err.failure()) {
+    return err;
+  }
+  Vec* base;
+  size_t stride;
+  int64_t slots;
+  if (auto err = Slots(workspace, ForwardScratch(P), &base, &stride, &slots); err.failure()) {
+    return err;
+  }
+  const Dims& D = P.D;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(row_blocks, D.H));
+  RunParallel(pool, D.B * D.groups * blocks, slots, [&](int64_t item, int64_t worker) {
+    const int64_t block = item % blocks, bg = item / blocks;
+    const int64_t first = D.H * block / blocks, end = D.H * (block + 1) / blocks;
+    Dispatch<ForwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
+                        out->typed_data(), m_out->typed_data(), l_out->typed_data(),
+                        bg / D.groups, static_cast<int>(bg % D.groups), first, end,
+                        base + stride * worker);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_in, Buf l_in,
+                    Buf delta, Buf rel_row, Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row,
+                    Out d_rel_col, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
+                    Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem, Spans crel) {
+  Problem P;
+  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, rpos, rmem, rrel, cpos,
+                             cmem, crel, &P);
+      err.failure()) {
+    return err;
+  }
+  Vec* base;
+  size_t stride;
+  int64_t slots;
+  if (auto err = Slots(workspace, BackwardScratch(P), &base, &stride, &slots); err.failure()) {
+    return err;
+  }
+  const Dims& D = P.D;
+  RunParallel(pool, D.B * D.groups, slots, [&](int64_t item, int64_t worker) {
+    Dispatch<BackwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
+                         d_out.typed_data(), m_in.typed_data(), l_in.typed_data(),
+                         delta.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                         d_rel_row->typed_data(), d_rel_col->typed_data(), item / D.groups,
+                         static_cast<int>(item % D.groups), base + stride * worker);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The window tables: for each query position along an axis and each tap, the key position,
+// whether the tap is a member of the softmax, and the relative-table row.
+#define SASA_WINDOW_ATTRS                                                            \
+  .Attr<int64_t>("kh")                                                               \
+      .Attr<int64_t>("kw")                                                           \
+      .Attr<int64_t>("has_rel")
+
+#define SASA_TABLE_ATTRS                                                             \
+  .Attr<Spans>("row_pos")                                                            \
+      .Attr<Spans>("row_member")                                                     \
+      .Attr<Spans>("row_rel")                                                        \
+      .Attr<Spans>("col_pos")                                                        \
+      .Attr<Spans>("col_member")                                                     \
+      .Attr<Spans>("col_rel")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buf>()  // q
+                                  .Arg<Buf>()  // k
+                                  .Arg<Buf>()  // v
+                                  .Arg<Buf>()  // rel_row
+                                  .Arg<Buf>()  // rel_col
+                                  .Ret<Buf>()  // out
+                                  .Ret<Buf>()  // m
+                                  .Ret<Buf>()  // l
+                                  .Ret<Buf>()  // workspace
+                                      SASA_WINDOW_ATTRS.Attr<int64_t>("row_blocks")
+                                          SASA_TABLE_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buf>()  // q
+                                  .Arg<Buf>()  // k
+                                  .Arg<Buf>()  // v
+                                  .Arg<Buf>()  // d_out
+                                  .Arg<Buf>()  // m
+                                  .Arg<Buf>()  // l
+                                  .Arg<Buf>()  // delta
+                                  .Arg<Buf>()  // rel_row
+                                  .Arg<Buf>()  // rel_col
+                                  .Ret<Buf>()  // dq
+                                  .Ret<Buf>()  // dk
+                                  .Ret<Buf>()  // dv
+                                  .Ret<Buf>()  // d_rel_row, per item
+                                  .Ret<Buf>()  // d_rel_col, per item
+                                  .Ret<Buf>()  // workspace
+                                      SASA_WINDOW_ATTRS SASA_TABLE_ATTRS);

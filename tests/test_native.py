@@ -1,0 +1,108 @@
+"""The "native" C++ kernel: it builds here, caches, can be switched off, and its numbers do
+not depend on the number of threads. Its numerics against the reference are in
+test_attention.py, which runs every implementation through the same tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sasa_jax
+from sasa_jax.attention import axis_window, native
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env: str) -> str:
+    """Runs ``code`` in a fresh Python with extra environment variables; returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_kernel_builds_with_this_machines_compiler():
+    """CI and the development machines have a C++ compiler: the kernel must build there, or
+    every test of it would silently drop out of the parametrised suites."""
+    assert native.library() is not None, "the native kernel did not build (see the warning)"
+    assert "native" in sasa_jax.attention_implementations("cpu")
+
+
+def test_build_is_cached_and_reused(tmp_path):
+    """The first use compiles into the cache directory; a second process loads that file."""
+    code = """
+        import jax.numpy as jnp, sasa_jax
+        q = jnp.ones((1, 5, 5, 2, 4))
+        print(float(sasa_jax.local_attention(q, q, q, window=3, implementation="native").sum()))
+    """
+    first = _run(code, SASA_JAX_CACHE=str(tmp_path))
+    built = sorted(tmp_path.glob("sasa_cpu_kernel_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    second = _run(code, SASA_JAX_CACHE=str(tmp_path))
+    assert sorted(tmp_path.glob("sasa_cpu_kernel_*.so")) == built
+    assert built[0].stat().st_mtime_ns == stamp
+    assert first == second
+    assert not list(tmp_path.glob("tmp*")), "a temporary build directory was left behind"
+
+
+def test_switched_off_by_environment():
+    """SASA_JAX_NATIVE=0: the kernel is not offered and auto falls back to pure JAX."""
+    out = _run(
+        """
+        import json, sasa_jax
+        from sasa_jax.attention import auto_choice, axis_window
+        w = axis_window(56, 7, 1, "mask")
+        print(json.dumps([sasa_jax.attention_implementations("cpu"),
+                          auto_choice((8, 56, 56, 8, 8), w, w, backend="cpu")]))
+        """,
+        SASA_JAX_NATIVE="0",
+    )
+    names, choice = json.loads(out.strip().splitlines()[-1])
+    assert "native" not in names and "tiled" in names
+    assert choice == "tiled"
+
+
+def test_same_bits_for_any_number_of_threads(monkeypatch):
+    """Each output element is computed by one work item in a fixed order, so one thread and
+    several give identical outputs and gradients (relative tables included)."""
+    ks = jax.random.split(jax.random.key(0), 5)
+    q, k, v = (jax.random.normal(ks[i], (3, 9, 11, 10, 8)) for i in range(3))
+    rr, rc = (jax.random.normal(ks[3 + i], (5, 4)) for i in range(2))
+
+    def loss(q, k, v, rr, rc):
+        out = sasa_jax.local_attention(
+            q, k, v, window=5, rel_row=rr, rel_col=rc, implementation="native"
+        )
+        return jnp.sum(out * jnp.cos(out)), out
+
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(native, "MAX_WORKERS", workers)
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+        (_, out), grads = step(q, k, v, rr, rc)
+        results.append(np.concatenate([np.ravel(x) for x in (out, *grads)]))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
+
+
+def test_row_span_counts_the_rows_dilation_keeps_alive():
+    """A 7-row image, window 3, dilation 2: query row 1 reaches rows 1 and 3 only (row -1 is
+    outside), but row 2 still reaches row 0, so rows 0..4 are live while row 2 runs."""
+    assert native.row_span(axis_window(7, 3, 2, "mask")) == 5
+    assert native.row_span(axis_window(56, 7, 1, "mask")) == 7
+    assert native.row_span(axis_window(9, 4, 1, "clamp")) == 4
