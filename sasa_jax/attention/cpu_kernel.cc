@@ -156,19 +156,21 @@ Axis MakeAxis(int size, int window, ffi::Span<const int64_t> pos, ffi::Span<cons
 }
 
 struct Dims {
-  int64_t B, H, W, n, d, e, groups;
+  int64_t B, H, W, n, d, e;
+  int64_t groups;  // lane groups: ceil(B * n / 8)
 };
 
 // ---------------------------------------------------------------------------------------------
 // Layout: [.., n, ch] pixels <-> [ch][8 heads] vectors.
 
 #if defined(__AVX__)
-// Transposes an 8x8 float block: rows of `in` (stride in_stride) into rows of `out`.
-inline void Transpose8x8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
-  __m256 r0 = _mm256_loadu_ps(in + 0 * in_stride), r1 = _mm256_loadu_ps(in + 1 * in_stride);
-  __m256 r2 = _mm256_loadu_ps(in + 2 * in_stride), r3 = _mm256_loadu_ps(in + 3 * in_stride);
-  __m256 r4 = _mm256_loadu_ps(in + 4 * in_stride), r5 = _mm256_loadu_ps(in + 5 * in_stride);
-  __m256 r6 = _mm256_loadu_ps(in + 6 * in_stride), r7 = _mm256_loadu_ps(in + 7 * in_stride);
+// Transposes an 8x8 float block: row r of `in` is rows[r]; row c of the result goes to
+// out + c * out_stride.
+inline void Transpose8x8(const float* const rows[8], float* out, int64_t out_stride) {
+  __m256 r0 = _mm256_loadu_ps(rows[0]), r1 = _mm256_loadu_ps(rows[1]);
+  __m256 r2 = _mm256_loadu_ps(rows[2]), r3 = _mm256_loadu_ps(rows[3]);
+  __m256 r4 = _mm256_loadu_ps(rows[4]), r5 = _mm256_loadu_ps(rows[5]);
+  __m256 r6 = _mm256_loadu_ps(rows[6]), r7 = _mm256_loadu_ps(rows[7]);
   __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
   __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
   __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -186,61 +188,84 @@ inline void Transpose8x8(const float* in, int64_t in_stride, float* out, int64_t
   _mm256_storeu_ps(out + 6 * out_stride, _mm256_permute2f128_ps(s2, s6, 0x31));
   _mm256_storeu_ps(out + 7 * out_stride, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
+
+alignas(32) constexpr float kZeroRow[kLanes] = {};
 #endif
 
-// One pixel's [heads][ch] values of head group g (at src) -> ch vectors of 8 heads, times scale.
-inline void PixelIn(const float* src, int64_t lanes, int64_t ch, float scale, Vec* out) {
-#if defined(__AVX__)
-  if (lanes == kLanes && ch % kLanes == 0) {
-    for (int64_t c0 = 0; c0 < ch; c0 += kLanes)
-      Transpose8x8(src + c0, ch, reinterpret_cast<float*>(out + c0), kLanes);
-    if (scale != 1.0f)
-      for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
-    return;
-  }
-#endif
-  for (int64_t c = 0; c < ch; ++c) {
-    Vec v = {};
-    for (int64_t l = 0; l < lanes; ++l) v[l] = src[l * ch + c] * scale;
-    out[c] = v;
-  }
-}
-
-// The inverse of PixelIn (without scaling): ch vectors -> [lanes][ch] at dst.
-inline void PixelOut(const Vec* in, int64_t lanes, int64_t ch, float* dst) {
-#if defined(__AVX__)
-  if (lanes == kLanes && ch % kLanes == 0) {
-    for (int64_t c0 = 0; c0 < ch; c0 += kLanes)
-      Transpose8x8(reinterpret_cast<const float*>(in + c0), kLanes, dst + c0, ch);
-    return;
-  }
-#endif
-  for (int64_t l = 0; l < lanes; ++l)
-    for (int64_t c = 0; c < ch; ++c) dst[l * ch + c] = in[c][l];
-}
-
-struct Layout {
+// The (image, head) pairs of one lane group. Group G holds the flattened (image, head) indices
+// 8G .. 8G+7 of the batch: 8 heads of one image when the head count is a multiple of 8, heads
+// of several images when there are fewer (the attention stem's 4), zero lanes past the end.
+struct Lanes {
   const Dims& D;
-  int64_t b;
-  int g;
-  int64_t lanes;  // heads in this group
-  const float* Pixel(const float* x, int64_t ch, int64_t i, int64_t j) const {
-    return x + (((b * D.H + i) * D.W + j) * D.n + g * kLanes) * ch;
+  int64_t count = 0;           // lanes in use
+  int64_t start[kLanes] = {};  // lane l's (image, head) at pixel (0, 0), in head-pixels
+
+  Lanes(const Dims& dims, int64_t group) : D(dims) {
+    const int64_t first = group * kLanes;
+    count = std::min<int64_t>(kLanes, D.B * D.n - first);
+    for (int64_t l = 0; l < count; ++l) {
+      const int64_t b = (first + l) / D.n, h = (first + l) % D.n;
+      start[l] = b * D.H * D.W * D.n + h;
+    }
   }
-  float* Pixel(float* x, int64_t ch, int64_t i, int64_t j) const {
-    return x + (((b * D.H + i) * D.W + j) * D.n + g * kLanes) * ch;
+  // Lane l's ch values at pixel (i, j) of an array [B, H, W, n, ch].
+  int64_t At(int64_t l, int64_t ch, int64_t i, int64_t j) const {
+    return (start[l] + (i * D.W + j) * D.n) * ch;
   }
-  Vec Scalars(const float* x, int64_t i, int64_t j) const {
-    const float* src = Pixel(x, 1, i, j);
-    Vec v = {};
-    for (int64_t l = 0; l < lanes; ++l) v[l] = src[l];
+  // ch vectors of the lanes' values at (i, j), times scale.
+  void In(const float* x, int64_t ch, int64_t i, int64_t j, float scale, Vec* out) const {
+#if defined(__AVX__)
+    if (ch % kLanes == 0) {
+      const float* rows[kLanes];
+      for (int64_t c0 = 0; c0 < ch; c0 += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) rows[l] = l < count ? x + At(l, ch, i, j) + c0 : kZeroRow;
+        Transpose8x8(rows, reinterpret_cast<float*>(out + c0), kLanes);
+      }
+      if (scale != 1.0f)
+        for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
+      return;
+    }
+#endif
+    for (int64_t c = 0; c < ch; ++c) out[c] = Vec{};
+    for (int64_t l = 0; l < count; ++l) {
+      const float* src = x + At(l, ch, i, j);
+      for (int64_t c = 0; c < ch; ++c) out[c][l] = src[c] * scale;
+    }
+  }
+  // The inverse of In (without scaling).
+  void Out(const Vec* in, int64_t ch, int64_t i, int64_t j, float* x) const {
+#if defined(__AVX__)
+    if (ch % kLanes == 0) {
+      const float* rows[kLanes];
+      alignas(32) float block[kLanes * kLanes];
+      for (int64_t c0 = 0; c0 < ch; c0 += kLanes) {
+        for (int64_t c = 0; c < kLanes; ++c) rows[c] = reinterpret_cast<const float*>(in + c0 + c);
+        Transpose8x8(rows, block, kLanes);
+        for (int64_t l = 0; l < count; ++l)
+          std::memcpy(x + At(l, ch, i, j) + c0, block + l * kLanes, kLanes * sizeof(float));
+      }
+      return;
+    }
+#endif
+    for (int64_t l = 0; l < count; ++l) {
+      float* dst = x + At(l, ch, i, j);
+      for (int64_t c = 0; c < ch; ++c) dst[c] = in[c][l];
+    }
+  }
+  // One value per lane at (i, j) of an array [B, H, W, n] (1 in unused lanes if `pad_one`).
+  Vec Scalars(const float* x, int64_t i, int64_t j, bool pad_one = false) const {
+    Vec v = pad_one ? Splat(1.0f) : Vec{};
+    for (int64_t l = 0; l < count; ++l) v[l] = x[At(l, 1, i, j)];
     return v;
   }
+  void Store(Vec v, int64_t i, int64_t j, float* x) const {
+    for (int64_t l = 0; l < count; ++l) x[At(l, 1, i, j)] = v[l];
+  }
   void RowIn(const float* x, int64_t ch, int64_t row, float scale, Vec* ring) const {
-    for (int64_t j = 0; j < D.W; ++j) PixelIn(Pixel(x, ch, row, j), lanes, ch, scale, ring + j * ch);
+    for (int64_t j = 0; j < D.W; ++j) In(x, ch, row, j, scale, ring + j * ch);
   }
   void RowOut(const Vec* ring, int64_t ch, int64_t row, float* x) const {
-    for (int64_t j = 0; j < D.W; ++j) PixelOut(ring + j * ch, lanes, ch, Pixel(x, ch, row, j));
+    for (int64_t j = 0; j < D.W; ++j) Out(ring + j * ch, ch, row, j, x);
   }
 };
 
@@ -323,11 +348,23 @@ struct QueryTaps {
 };
 
 void QueryTaps::Resize(const Problem& P) {
-  row_key.resize(std::max(1, P.rows.most_taps));
-  row_value.resize(std::max(1, P.rows.most_taps));
-  col_key.resize(std::max(1, P.cols.most_taps));
-  col_value.resize(std::max(1, P.cols.most_taps));
-  by_col.resize(std::max(1, P.cols.most_taps));
+  const size_t rows = std::max(1, P.rows.most_taps), cols = std::max(1, P.cols.most_taps);
+  if (row_key.size() < rows) {
+    row_key.resize(rows);
+    row_value.resize(rows);
+  }
+  if (col_key.size() < cols) {
+    col_key.resize(cols);
+    col_value.resize(cols);
+    by_col.resize(cols);
+  }
+}
+
+// Each pool thread keeps its tap lists between work items (no allocation per item).
+QueryTaps& ThreadTaps(const Problem& P) {
+  thread_local QueryTaps taps;
+  taps.Resize(P);
+  return taps;
 }
 
 // Logits (log2 units) of one query against its member taps into s; returns their maximum.
@@ -427,7 +464,7 @@ size_t ForwardScratch(const Problem& P) {  // in vectors
 
 template <int kD, int kE>
 void ForwardItem(const Problem& P, const float* q, const float* k, const float* v, float* out,
-                 float* m_out, float* l_out, int64_t b, int g, int64_t first_row, int64_t end_row,
+                 float* m_out, float* l_out, int64_t group, int64_t first_row, int64_t end_row,
                  Vec* scratch) {
   const Dims& D = P.D;
   const int d = kD ? kD : static_cast<int>(D.d), e = kE ? kE : static_cast<int>(D.e);
@@ -442,9 +479,8 @@ void ForwardItem(const Problem& P, const float* q, const float* k, const float* 
   Vec q_local[kD ? kD : 1], acc_local[kE ? kE : 1];
   Vec* __restrict qv = kD ? q_local : s + most;
   Vec* __restrict acc = kE ? acc_local : s + most + d;
-  QueryTaps taps;
-  taps.Resize(P);
-  const Layout L{D, b, g, std::min<int64_t>(kLanes, D.n - g * kLanes)};
+  QueryTaps& taps = ThreadTaps(P);
+  const Lanes L(D, group);
   int64_t loaded = P.rows.lo[first_row] - 1;
   for (int64_t i = first_row; i < end_row; ++i) {
     for (; loaded < P.rows.hi[i];) {
@@ -455,7 +491,7 @@ void ForwardItem(const Problem& P, const float* q, const float* k, const float* 
     taps.SetRow(P.rows.taps[i], krow, vrow);
     for (int64_t j = 0; j < D.W; ++j) {
       taps.SetColumn(P.cols.taps[j], P.cols.all_inside[j], d, e);
-      PixelIn(L.Pixel(q, d, i, j), L.lanes, d, 1.0f, qv);
+      L.In(q, d, i, j, 1.0f, qv);
       const Vec m = Logits<kD>(P, qv, taps, kring, d, s);
       Vec l0 = {}, l1 = {};
       int x = 0;
@@ -475,13 +511,9 @@ void ForwardItem(const Problem& P, const float* q, const float* k, const float* 
       WeightedSum<kE>(taps, s, false, vring, e, acc);
       const Vec inv = 1.0f / l;
       for (int c = 0; c < e; ++c) acc[c] *= inv;
-      PixelOut(acc, L.lanes, e, L.Pixel(out, e, i, j));
-      float* mp = L.Pixel(m_out, 1, i, j);
-      float* lp = L.Pixel(l_out, 1, i, j);
-      for (int64_t lane = 0; lane < L.lanes; ++lane) {
-        mp[lane] = m[lane];
-        lp[lane] = l[lane];
-      }
+      L.Out(acc, e, i, j, out);
+      L.Store(m, i, j, m_out);
+      L.Store(l, i, j, l_out);
     }
   }
 }
@@ -498,8 +530,8 @@ size_t BackwardScratch(const Problem& P) {  // in vectors
 template <int kD, int kE>
 void BackwardItem(const Problem& P, const float* q, const float* k, const float* v,
                   const float* d_out, const float* m_in, const float* l_in, const float* delta,
-                  float* dq, float* dk, float* dv, float* d_rel_row, float* d_rel_col, int64_t b,
-                  int g, Vec* scratch) {
+                  float* dq, float* dk, float* dv, float* d_rel_row, float* d_rel_col,
+                  int64_t group, Vec* scratch) {
   const Dims& D = P.D;
   const int d = kD ? kD : static_cast<int>(D.d), e = kE ? kE : static_cast<int>(D.e);
   const int h = d / 2;
@@ -521,9 +553,8 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
   Vec* __restrict rel_acc_col = rel_acc_row + static_cast<size_t>(P.rel_rows) * h;
   for (size_t x = 0; x < static_cast<size_t>(P.rel_rows + P.rel_cols) * h; ++x)
     rel_acc_row[x] = Vec{};
-  QueryTaps taps;
-  taps.Resize(P);
-  const Layout L{D, b, g, std::min<int64_t>(kLanes, D.n - g * kLanes)};
+  QueryTaps& taps = ThreadTaps(P);
+  const Lanes L(D, group);
   int64_t loaded = -1, written = -1;
   auto write_rows_to = [&](int64_t last) {  // rows (written, last] get no more contributions
     for (; written < last;) {
@@ -548,12 +579,10 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
       const std::vector<Tap>& ct = P.cols.taps[j];
       const int nc = static_cast<int>(ct.size());
       taps.SetColumn(ct, P.cols.all_inside[j], d, e);
-      PixelIn(L.Pixel(q, d, i, j), L.lanes, d, 1.0f, qv);
-      PixelIn(L.Pixel(d_out, e, i, j), L.lanes, e, 1.0f, dov);
+      L.In(q, d, i, j, 1.0f, qv);
+      L.In(d_out, e, i, j, 1.0f, dov);
       const Vec m = L.Scalars(m_in, i, j);
-      Vec l = L.Scalars(l_in, i, j);
-      for (int64_t lane = L.lanes; lane < kLanes; ++lane) l[lane] = 1.0f;
-      const Vec inv = 1.0f / l;
+      const Vec inv = 1.0f / L.Scalars(l_in, i, j, /*pad_one=*/true);
       const Vec dlt = L.Scalars(delta, i, j);
       Logits<kD>(P, qv, taps, kring, d, p);
       for (int x = 0; x < taps.count; ++x) p[x] = Exp2(p[x] - m) * inv;  // the weights
@@ -589,13 +618,13 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
           }
         }
       }
-      PixelOut(dqv, L.lanes, d, L.Pixel(dq, d, i, j));
+      L.Out(dqv, d, i, j, dq);
     }
   }
   write_rows_to(D.H - 1);
   if (P.has_rel) {
-    float* out_row = d_rel_row + (static_cast<size_t>(b) * D.groups + g) * P.rel_rows * h;
-    float* out_col = d_rel_col + (static_cast<size_t>(b) * D.groups + g) * P.rel_cols * h;
+    float* out_row = d_rel_row + static_cast<size_t>(group) * P.rel_rows * h;
+    float* out_col = d_rel_col + static_cast<size_t>(group) * P.rel_cols * h;
     for (int x = 0; x < P.rel_rows * h; ++x) {
       float sum = 0.0f;
       for (int lane = 0; lane < kLanes; ++lane) sum += rel_acc_row[x][lane];
@@ -624,7 +653,7 @@ ffi::Error MakeProblem(Buf q, Buf v, Buf rel_row, Buf rel_col, int64_t kh, int64
   if (qd.size() != 5 || vd.size() != 5) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q and v must be 5-D");
   }
-  P->D = {qd[0], qd[1], qd[2], qd[3], qd[4], vd[4], (qd[3] + kLanes - 1) / kLanes};
+  P->D = {qd[0], qd[1], qd[2], qd[3], qd[4], vd[4], (qd[0] * qd[3] + kLanes - 1) / kLanes};
   const int64_t H = P->D.H, W = P->D.W;
   if (static_cast<int64_t>(rpos.size()) != H * kh || static_cast<int64_t>(cpos.size()) != W * kw ||
       rmem.size() != rpos.size() || rrel.size() != rpos.size() || cmem.size() != cpos.size() ||
@@ -650,6 +679,10 @@ ffi::Error MakeProblem(Buf q, Buf v, Buf rel_row, Buf rel_col, int64_t kh, int64
   }
   return ffi::Error::Success();
 }
+
+// Small images (the attention stem's 4x4 tiles) go several lane groups to a work item, so
+// that an item holds at least about 1024 queries: the per-item overhead stays small.
+int64_t GroupsPerItem(const Dims& D) { return std::max<int64_t>(1, 1024 / (D.H * D.W)); }
 
 // Scratch slots: [slots, floats], one per worker; checks that a slot holds `need` vectors.
 ffi::Error Slots(Out& workspace, size_t need, Vec** base, size_t* stride, int64_t* slots) {
@@ -707,13 +740,19 @@ ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf r
   }
   const Dims& D = P.D;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(row_blocks, D.H));
-  RunParallel(pool, D.B * D.groups * blocks, slots, [&](int64_t item, int64_t worker) {
-    const int64_t block = item % blocks, bg = item / blocks;
+  const int64_t per_item = GroupsPerItem(D);
+  const int64_t items = blocks > 1 ? D.groups * blocks : (D.groups + per_item - 1) / per_item;
+  RunParallel(pool, items, slots, [&](int64_t item, int64_t worker) {
+    const int64_t block = blocks > 1 ? item % blocks : 0;
+    const int64_t first_group = blocks > 1 ? item / blocks : item * per_item;
+    const int64_t end_group =
+        blocks > 1 ? first_group + 1 : std::min(D.groups, first_group + per_item);
     const int64_t first = D.H * block / blocks, end = D.H * (block + 1) / blocks;
-    Dispatch<ForwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
-                        out->typed_data(), m_out->typed_data(), l_out->typed_data(),
-                        bg / D.groups, static_cast<int>(bg % D.groups), first, end,
-                        base + stride * worker);
+    for (int64_t group = first_group; group < end_group; ++group) {
+      Dispatch<ForwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
+                          out->typed_data(), m_out->typed_data(), l_out->typed_data(), group,
+                          first, end, base + stride * worker);
+    }
   });
   return ffi::Error::Success();
 }
@@ -735,12 +774,17 @@ ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_
     return err;
   }
   const Dims& D = P.D;
-  RunParallel(pool, D.B * D.groups, slots, [&](int64_t item, int64_t worker) {
-    Dispatch<BackwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
-                         d_out.typed_data(), m_in.typed_data(), l_in.typed_data(),
-                         delta.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
-                         d_rel_row->typed_data(), d_rel_col->typed_data(), item / D.groups,
-                         static_cast<int>(item % D.groups), base + stride * worker);
+  const int64_t per_item = GroupsPerItem(D);
+  const int64_t items = (D.groups + per_item - 1) / per_item;
+  RunParallel(pool, items, slots, [&](int64_t item, int64_t worker) {
+    for (int64_t group = item * per_item; group < std::min(D.groups, (item + 1) * per_item);
+         ++group) {
+      Dispatch<BackwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
+                           d_out.typed_data(), m_in.typed_data(), l_in.typed_data(),
+                           delta.typed_data(), dq->typed_data(), dk->typed_data(),
+                           dv->typed_data(), d_rel_row->typed_data(), d_rel_col->typed_data(),
+                           group, base + stride * worker);
+    }
   });
   return ffi::Error::Success();
 }

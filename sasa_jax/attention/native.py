@@ -46,7 +46,7 @@ Array = jax.Array
 SOURCE = "cpu_kernel.cc"
 FORWARD_TARGET = "sasa_local_attention_forward"
 BACKWARD_TARGET = "sasa_local_attention_backward"
-LANES = 8  # heads per vector in the kernel
+LANES = 8  # (image, head) pairs per vector in the kernel
 
 # The forward pass splits each image's rows into blocks until there are this many work items,
 # so that a small batch still spreads over the cores (the backward pass works per image).
@@ -234,18 +234,22 @@ def _workspace(
             + dim_v
             + (rel_lengths[0] + rel_lengths[1]) * (dim // 2)
         )
-        items = batch * math.ceil(heads / LANES)
+        items = lane_groups(q_shape)
     else:
         vectors = ring + taps_r * taps_c + taps_r + taps_c + dim + dim_v
-        items = batch * math.ceil(heads / LANES) * _row_blocks(q_shape)
+        items = lane_groups(q_shape) * _row_blocks(q_shape)
     slots = max(1, min(items, MAX_WORKERS or os.cpu_count() or 1))
     return jax.ShapeDtypeStruct((slots, vectors * LANES), jnp.float32)
 
 
+def lane_groups(q_shape) -> int:
+    """The kernel's vectors hold 8 (image, head) pairs of the flattened batch: this many."""
+    batch, _, _, heads, _ = q_shape
+    return math.ceil(batch * heads / LANES)
+
+
 def _row_blocks(q_shape) -> int:
-    batch, height, _, heads, _ = q_shape
-    items = batch * math.ceil(heads / LANES)
-    return max(1, min(height, math.ceil(MIN_FORWARD_ITEMS / items)))
+    return max(1, min(q_shape[1], math.ceil(MIN_FORWARD_ITEMS / lane_groups(q_shape))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,15 +293,15 @@ def _attend_bwd(geometry: Geometry, residuals, d_out):
     q, k, v, rel_row, rel_col, out, top, total = residuals
     f32 = jnp.float32
     delta = jnp.sum(d_out * out, axis=-1)  # [b, h, w, heads]
-    groups = math.ceil(q.shape[3] / LANES)
+    groups = lane_groups(q.shape)
     half = rel_row.shape[1]
     lengths = (rel_row.shape[0], rel_col.shape[0])
     results = (
         jax.ShapeDtypeStruct(q.shape, f32),
         jax.ShapeDtypeStruct(k.shape, f32),
         jax.ShapeDtypeStruct(v.shape, f32),
-        jax.ShapeDtypeStruct((q.shape[0], groups, lengths[0], half), f32),
-        jax.ShapeDtypeStruct((q.shape[0], groups, lengths[1], half), f32),
+        jax.ShapeDtypeStruct((groups, lengths[0], half), f32),
+        jax.ShapeDtypeStruct((groups, lengths[1], half), f32),
         _workspace(geometry, q.shape, v.shape[-1], lengths, True),
     )
     dq, dk, dv, d_row, d_col, _ = jax.ffi.ffi_call(
@@ -305,7 +309,7 @@ def _attend_bwd(geometry: Geometry, residuals, d_out):
     )(q, k, v, d_out, top, total, delta, rel_row, rel_col, **_attributes(geometry))
     if not geometry.has_rel:
         return dq, dk, dv, jnp.zeros_like(rel_row), jnp.zeros_like(rel_col)
-    return dq, dk, dv, d_row.sum(axis=(0, 1)), d_col.sum(axis=(0, 1))
+    return dq, dk, dv, d_row.sum(axis=0), d_col.sum(axis=0)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
