@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -242,3 +244,17 @@ def test_stem_bad_arguments():
         AttentionStem(values="conv", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="divisible by block"):
         AttentionStem(rngs=nnx.Rngs(0))(jnp.zeros((1, 10, 8, 3)))
+
+
+def test_stem_block_max_is_max_pool():
+    """The stem's pooling (a reshape and a max) gives max_pool's numbers and, without ties,
+    its gradient."""
+    from sasa_jax.layers import _block_max
+
+    x = _x((2, 16, 12, 5))
+    pool = functools.partial(nnx.max_pool, window_shape=(4, 4), strides=(4, 4))
+    np.testing.assert_array_equal(_block_max(x, 4), pool(x))
+    weights = jnp.arange(5.0)
+    grad = jax.grad(lambda x: jnp.sum(_block_max(x, 4) * weights))(x)
+    ref_grad = jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
+    np.testing.assert_array_equal(grad, ref_grad)
