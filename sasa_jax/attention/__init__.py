@@ -1,4 +1,4 @@
-"""The 2-D local self-attention op (pure JAX, no Flax).
+"""The 2-D local self-attention op (no Flax): pure-JAX implementations and a C++ CPU kernel.
 
 ``local_attention`` checks its arguments and dispatches to one module per implementation.
 Importing an implementation module registers it.
