@@ -44,8 +44,8 @@ constexpr int kLanes = 8;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
-typedef float Vec __attribute__((vector_size(32), aligned(32)));
-typedef int32_t IVec __attribute__((vector_size(32), aligned(32)));
+typedef float Vec __attribute__((vector_size(32)));  // 32-byte aligned, as the type's size
+typedef int32_t IVec __attribute__((vector_size(32)));
 
 inline Vec Splat(float x) { return Vec{} + x; }
 
@@ -684,15 +684,33 @@ ffi::Error MakeProblem(Buf q, Buf v, Buf rel_row, Buf rel_col, int64_t kh, int64
 // that an item holds at least about 1024 queries: the per-item overhead stays small.
 int64_t GroupsPerItem(const Dims& D) { return std::max<int64_t>(1, 1024 / (D.H * D.W)); }
 
-// Scratch slots: [slots, floats], one per worker; checks that a slot holds `need` vectors.
-ffi::Error Slots(Out& workspace, size_t need, Vec** base, size_t* stride, int64_t* slots) {
+// The checked problem and the scratch slots of one call. The workspace is [slots, floats]:
+// one slot per worker, of `stride` vectors. Its start is rounded up to a vector's alignment, so
+// a slot may use all but its last vector.
+struct Call {
+  Problem P;
+  Vec* base = nullptr;
+  size_t stride = 0;
+  int64_t slots = 0;
+};
+
+ffi::Error Prepare(Buf q, Buf v, Buf rel_row, Buf rel_col, Out& workspace, bool backward,
+                   int64_t kh, int64_t kw, int64_t has_rel, Spans rpos, Spans rmem, Spans rrel,
+                   Spans cpos, Spans cmem, Spans crel, Call* call) {
+  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, rpos, rmem, rrel, cpos,
+                             cmem, crel, &call->P);
+      err.failure()) {
+    return err;
+  }
+  const size_t need = backward ? BackwardScratch(call->P) : ForwardScratch(call->P);
   const auto wd = workspace->dimensions();
-  *slots = wd[0];
-  *stride = static_cast<size_t>(wd[1]) / kLanes;
-  if (*stride < need || *slots < 1) {
+  call->slots = wd[0];
+  call->stride = static_cast<size_t>(wd[1]) / kLanes;
+  if (call->slots < 1 || call->stride < need + 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "workspace too small");
   }
-  *base = reinterpret_cast<Vec*>(workspace->typed_data());
+  const uintptr_t start = reinterpret_cast<uintptr_t>(workspace->typed_data());
+  call->base = reinterpret_cast<Vec*>((start + sizeof(Vec) - 1) / sizeof(Vec) * sizeof(Vec));
   return ffi::Error::Success();
 }
 
@@ -726,32 +744,26 @@ ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf r
                    Out m_out, Out l_out, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
                    int64_t row_blocks, Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem,
                    Spans crel) {
-  Problem P;
-  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, rpos, rmem, rrel, cpos,
-                             cmem, crel, &P);
+  Call call;
+  if (auto err = Prepare(q, v, rel_row, rel_col, workspace, /*backward=*/false, kh, kw, has_rel,
+                         rpos, rmem, rrel, cpos, cmem, crel, &call);
       err.failure()) {
     return err;
   }
-  Vec* base;
-  size_t stride;
-  int64_t slots;
-  if (auto err = Slots(workspace, ForwardScratch(P), &base, &stride, &slots); err.failure()) {
-    return err;
-  }
-  const Dims& D = P.D;
+  const Dims& D = call.P.D;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(row_blocks, D.H));
   const int64_t per_item = GroupsPerItem(D);
   const int64_t items = blocks > 1 ? D.groups * blocks : (D.groups + per_item - 1) / per_item;
-  RunParallel(pool, items, slots, [&](int64_t item, int64_t worker) {
+  RunParallel(pool, items, call.slots, [&](int64_t item, int64_t worker) {
     const int64_t block = blocks > 1 ? item % blocks : 0;
     const int64_t first_group = blocks > 1 ? item / blocks : item * per_item;
     const int64_t end_group =
         blocks > 1 ? first_group + 1 : std::min(D.groups, first_group + per_item);
     const int64_t first = D.H * block / blocks, end = D.H * (block + 1) / blocks;
     for (int64_t group = first_group; group < end_group; ++group) {
-      Dispatch<ForwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
+      Dispatch<ForwardFn>(D.d, D.e, call.P, q.typed_data(), k.typed_data(), v.typed_data(),
                           out->typed_data(), m_out->typed_data(), l_out->typed_data(), group,
-                          first, end, base + stride * worker);
+                          first, end, call.base + call.stride * worker);
     }
   });
   return ffi::Error::Success();
@@ -761,29 +773,23 @@ ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_
                     Buf delta, Buf rel_row, Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row,
                     Out d_rel_col, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
                     Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem, Spans crel) {
-  Problem P;
-  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, rpos, rmem, rrel, cpos,
-                             cmem, crel, &P);
+  Call call;
+  if (auto err = Prepare(q, v, rel_row, rel_col, workspace, /*backward=*/true, kh, kw, has_rel,
+                         rpos, rmem, rrel, cpos, cmem, crel, &call);
       err.failure()) {
     return err;
   }
-  Vec* base;
-  size_t stride;
-  int64_t slots;
-  if (auto err = Slots(workspace, BackwardScratch(P), &base, &stride, &slots); err.failure()) {
-    return err;
-  }
-  const Dims& D = P.D;
+  const Dims& D = call.P.D;
   const int64_t per_item = GroupsPerItem(D);
   const int64_t items = (D.groups + per_item - 1) / per_item;
-  RunParallel(pool, items, slots, [&](int64_t item, int64_t worker) {
+  RunParallel(pool, items, call.slots, [&](int64_t item, int64_t worker) {
     for (int64_t group = item * per_item; group < std::min(D.groups, (item + 1) * per_item);
          ++group) {
-      Dispatch<BackwardFn>(D.d, D.e, P, q.typed_data(), k.typed_data(), v.typed_data(),
+      Dispatch<BackwardFn>(D.d, D.e, call.P, q.typed_data(), k.typed_data(), v.typed_data(),
                            d_out.typed_data(), m_in.typed_data(), l_in.typed_data(),
                            delta.typed_data(), dq->typed_data(), dk->typed_data(),
                            dv->typed_data(), d_rel_row->typed_data(), d_rel_col->typed_data(),
-                           group, base + stride * worker);
+                           group, call.base + call.stride * worker);
     }
   });
   return ffi::Error::Success();

@@ -239,7 +239,8 @@ def _workspace(
         vectors = ring + taps_r * taps_c + taps_r + taps_c + dim + dim_v
         items = lane_groups(q_shape) * _row_blocks(q_shape)
     slots = max(1, min(items, MAX_WORKERS or os.cpu_count() or 1))
-    return jax.ShapeDtypeStruct((slots, vectors * LANES), jnp.float32)
+    # One spare vector per slot: the kernel rounds the buffer's start up to a vector's alignment.
+    return jax.ShapeDtypeStruct((slots, (vectors + 1) * LANES), jnp.float32)
 
 
 def lane_groups(q_shape) -> int:
