@@ -68,7 +68,10 @@ def _case_id(case):
 def _reference_outputs(case):
     border, image, window, dilation, rel = case
     q, k, v, tables = _inputs(0, image, window, border, rel)
-    return reference_attention(q, k, v, window=window, dilation=dilation, border=border, **tables)
+    static = dict(window=window, dilation=dilation, border=border)
+    return jax.jit(lambda q, k, v, tables: reference_attention(q, k, v, **tables, **static))(
+        q, k, v, tables
+    )
 
 
 @functools.cache
@@ -81,7 +84,7 @@ def _reference_gradients(case):
     def loss(q, k, v, tables):
         return jnp.sum(reference_attention(q, k, v, **tables, **static)[0] * cotangent)
 
-    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, tables)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, tables)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -89,10 +92,14 @@ def _reference_gradients(case):
 def test_matches_reference(implementation, case):
     border, image, window, dilation, rel = case
     q, k, v, tables = _inputs(0, image, window, border, rel)
-    kwargs = dict(window=window, dilation=dilation, border=border, **tables)
-    out, weights = local_attention(
-        q, k, v, implementation=implementation, return_weights=True, **kwargs
-    )
+    static = dict(window=window, dilation=dilation, border=border)
+
+    def ours(q, k, v, tables):
+        return local_attention(
+            q, k, v, implementation=implementation, return_weights=True, **tables, **static
+        )
+
+    out, weights = jax.jit(ours)(q, k, v, tables)
     ref_out, ref_weights = _reference_outputs(case)
     chex.assert_shape(out, v.shape)
     chex.assert_shape(weights, q.shape[:4] + (ref_weights.shape[-1],))
@@ -112,7 +119,7 @@ def test_gradients_match_reference(implementation, case):
         out = local_attention(q, k, v, implementation=implementation, **tables, **static)
         return jnp.sum(out * cotangent)
 
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, tables)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, tables)
     chex.assert_trees_all_close(grads, _reference_gradients(case), atol=1e-3, rtol=1e-3)
 
 
@@ -372,11 +379,13 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
     def ours(*a, **kw):
         return local_attention(*a, implementation=implementation, return_weights=True, **kw)
 
-    (_, got), grads = jax.value_and_grad(
-        lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3), has_aux=True
+    (_, got), grads = jax.jit(
+        jax.value_and_grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3), has_aux=True)
     )(q, k, v, tables)
-    (_, want), ref_grads = jax.value_and_grad(
-        lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2, 3), has_aux=True
+    (_, want), ref_grads = jax.jit(
+        jax.value_and_grad(
+            lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2, 3), has_aux=True
+        )
     )(q, k, v, tables)
     chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
     chex.assert_trees_all_close(grads, ref_grads, atol=1e-3, rtol=1e-3)
@@ -391,8 +400,8 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
         return jnp.sum(reference_attention(q, k, v, window=3, border=border, **tables)[0] * out_cot)
 
     chex.assert_trees_all_close(
-        jax.grad(out_loss, argnums=(0, 1, 2, 3))(q, k, v, tables),
-        jax.grad(ref_out_loss, argnums=(0, 1, 2, 3))(q, k, v, tables),
+        jax.jit(jax.grad(out_loss, argnums=(0, 1, 2, 3)))(q, k, v, tables),
+        jax.jit(jax.grad(ref_out_loss, argnums=(0, 1, 2, 3)))(q, k, v, tables),
         atol=1e-3,
         rtol=1e-3,
     )
