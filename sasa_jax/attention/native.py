@@ -14,6 +14,10 @@ installed jaxlib, into a cache directory (``$SASA_JAX_CACHE``, else ``~/.cache/s
 keyed by the source, the compiler, its flags and the jaxlib version. Where that fails, or with
 ``SASA_JAX_NATIVE=0``, the implementation is not available and ``auto`` picks a pure-JAX one.
 
+Each custom call is wrapped in ``custom_partitioning`` (under ``jax.jit`` with a batch-sharded
+input every device runs the kernel on its own images, instead of XLA's default of gathering the
+batch onto every device) and ``custom_vmap`` (``jax.vmap`` maps it one slice at a time).
+
 ``return_weights=True`` takes the output from the kernel and the weights from ``gather``'s
 windows (the weights path is for pictures, not for training).
 """
@@ -36,6 +40,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sasa_jax.attention import gather
 from sasa_jax.attention.api import Implementation, register
@@ -254,10 +260,10 @@ def _row_blocks(q_shape) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom calls and their gradient.
+# The custom calls.
 
 
-def _forward(q, k, v, rel_row, rel_col, geometry: Geometry):
+def _forward_call(q, k, v, rel_row, rel_col, geometry: Geometry):
     """``(out, top, total)``: the output, each query's largest logit (log2 units) and the sum
     of 2^(logit - top) over its window."""
     f32 = jnp.float32
@@ -268,7 +274,7 @@ def _forward(q, k, v, rel_row, rel_col, geometry: Geometry):
         per_query,
         _workspace(geometry, q.shape, v.shape[-1], (rel_row.shape[0], rel_col.shape[0]), False),
     )
-    out, top, total, _ = jax.ffi.ffi_call(FORWARD_TARGET, results, vmap_method="sequential")(
+    out, top, total, _ = jax.ffi.ffi_call(FORWARD_TARGET, results)(
         q,
         k,
         v,
@@ -280,20 +286,9 @@ def _forward(q, k, v, rel_row, rel_col, geometry: Geometry):
     return out, top, total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attend(q, k, v, rel_row, rel_col, geometry: Geometry):
-    return _forward(q, k, v, rel_row, rel_col, geometry)[0]
-
-
-def _attend_fwd(q, k, v, rel_row, rel_col, geometry: Geometry):
-    out, top, total = _forward(q, k, v, rel_row, rel_col, geometry)
-    return out, (q, k, v, rel_row, rel_col, out, top, total)
-
-
-def _attend_bwd(geometry: Geometry, residuals, d_out):
-    q, k, v, rel_row, rel_col, out, top, total = residuals
+def _backward_call(q, k, v, d_out, top, total, delta, rel_row, rel_col, geometry: Geometry):
+    """``(dq, dk, dv, d_row, d_col)``; the table gradients summed over the batch."""
     f32 = jnp.float32
-    delta = jnp.sum(d_out * out, axis=-1)  # [b, h, w, heads]
     groups = lane_groups(q.shape)
     half = rel_row.shape[1]
     lengths = (rel_row.shape[0], rel_col.shape[0])
@@ -305,12 +300,152 @@ def _attend_bwd(geometry: Geometry, residuals, d_out):
         jax.ShapeDtypeStruct((groups, lengths[1], half), f32),
         _workspace(geometry, q.shape, v.shape[-1], lengths, True),
     )
-    dq, dk, dv, d_row, d_col, _ = jax.ffi.ffi_call(
-        BACKWARD_TARGET, results, vmap_method="sequential"
-    )(q, k, v, d_out, top, total, delta, rel_row, rel_col, **_attributes(geometry))
+    dq, dk, dv, d_row, d_col, _ = jax.ffi.ffi_call(BACKWARD_TARGET, results)(
+        q, k, v, d_out, top, total, delta, rel_row, rel_col, **_attributes(geometry)
+    )
+    return dq, dk, dv, d_row.sum(axis=0), d_col.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding and vmap. A custom call is opaque to XLA's SPMD partitioner, which would gather a
+# batch-sharded input onto every device and run the whole batch there. Each call is wrapped so
+# that under ``jax.jit`` with a sharded batch every device runs the kernel on its own images
+# (the table gradients, sums over the batch, are then summed over the batch's mesh axes), and
+# so that ``jax.vmap`` maps it over the vmapped axis one slice at a time.
+
+
+def _batch_axes(sharding) -> str | tuple[str, ...] | None:
+    """The mesh axes that split the leading (batch) dimension, or None."""
+    spec = getattr(sharding, "spec", ())
+    return spec[0] if len(spec) else None
+
+
+def _sharding_rule(arg_ranks, batched_args, result_ranks, batched_results):
+    """Shardy's rule as a string and the factors that must stay whole: a batch factor ``b``
+    shared by the batched operands and results, and a factor of its own for every other
+    dimension."""
+    whole: list[str] = []
+
+    def operand(tag: str, rank: int, batched: bool) -> str:
+        dims = [f"{tag}{i}" for i in range(1 if batched else 0, rank)]
+        whole.extend(dims)
+        return " ".join((["b"] if batched else []) + dims)
+
+    ins = [
+        operand(f"in{j}d", r, b)
+        for j, (r, b) in enumerate(zip(arg_ranks, batched_args, strict=True))
+    ]
+    outs = [
+        operand(f"out{j}d", r, b)
+        for j, (r, b) in enumerate(zip(result_ranks, batched_results, strict=True))
+    ]
+    return ", ".join(ins) + " -> " + ", ".join(outs), tuple(whole)
+
+
+def _per_image(call, geometry, arg_ranks, batched_args, result_ranks, batched_results):
+    """``call(*arrays, geometry)`` as a function of the arrays that XLA partitions over the
+    batch and ``jax.vmap`` maps over: ``batched_args``/``batched_results`` say which arrays
+    lead with the batch (the others are replicated; an unbatched result is a sum over the
+    batch)."""
+
+    def local(*args):
+        return call(*args, geometry)
+
+    def shardings(mesh, axes, batched):
+        split = NamedSharding(mesh, PartitionSpec(axes))
+        whole = NamedSharding(mesh, PartitionSpec())
+        return tuple(split if b else whole for b in batched)
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        axes = _batch_axes(arg_shapes[0].sharding)
+        arg_shardings = shardings(mesh, axes, batched_args)
+        result_shardings = shardings(mesh, axes, batched_results)
+
+        def lower(*args):
+            outs = local(*args)
+            if axes is None:
+                return outs
+            return tuple(
+                o if b else jax.lax.psum(o, axes)
+                for o, b in zip(outs, batched_results, strict=True)
+            )
+
+        return mesh, lower, result_shardings, arg_shardings
+
+    def infer(mesh, arg_shapes, result_shape):
+        del result_shape
+        return shardings(mesh, _batch_axes(arg_shapes[0].sharding), batched_results)
+
+    rule, whole_factors = _sharding_rule(arg_ranks, batched_args, result_ranks, batched_results)
+    sharded = custom_partitioning(local)
+    sharded.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        need_replication_factors=whole_factors,
+    )
+
+    @jax.custom_batching.custom_vmap
+    def op(*args):
+        return sharded(*args)
+
+    @op.def_vmap
+    def _(axis_size, in_batched, *args):
+        del axis_size
+        mapped = tuple(a for a, b in zip(args, in_batched, strict=True) if b)
+
+        def one(slices):
+            it = iter(slices)
+            return op(*(next(it) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+        return jax.lax.map(one, mapped), (True,) * len(batched_results)
+
+    return op
+
+
+@functools.cache
+def _forward_op(geometry: Geometry):
+    return _per_image(
+        _forward_call, geometry, (5, 5, 5, 2, 2), (1, 1, 1, 0, 0), (5, 4, 4), (1, 1, 1)
+    )
+
+
+@functools.cache
+def _backward_op(geometry: Geometry):
+    return _per_image(
+        _backward_call,
+        geometry,
+        (5, 5, 5, 5, 4, 4, 4, 2, 2),
+        (1, 1, 1, 1, 1, 1, 1, 0, 0),
+        (5, 5, 5, 2, 2),
+        (1, 1, 1, 0, 0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, rel_row, rel_col, geometry: Geometry):
+    return _forward_op(geometry)(q, k, v, rel_row, rel_col)[0]
+
+
+def _attend_fwd(q, k, v, rel_row, rel_col, geometry: Geometry):
+    out, top, total = _forward_op(geometry)(q, k, v, rel_row, rel_col)
+    return out, (q, k, v, rel_row, rel_col, out, top, total)
+
+
+def _attend_bwd(geometry: Geometry, residuals, d_out):
+    q, k, v, rel_row, rel_col, out, top, total = residuals
+    delta = jnp.sum(d_out * out, axis=-1)  # [b, h, w, heads]
+    dq, dk, dv, d_row, d_col = _backward_op(geometry)(
+        q, k, v, d_out, top, total, delta, rel_row, rel_col
+    )
     if not geometry.has_rel:
         return dq, dk, dv, jnp.zeros_like(rel_row), jnp.zeros_like(rel_col)
-    return dq, dk, dv, d_row.sum(axis=0), d_col.sum(axis=0)
+    return dq, dk, dv, d_row, d_col
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
