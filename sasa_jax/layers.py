@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.attention import BORDERS, attention_implementations, local_attention, rel_length
+from sasa_jax.attention import (
+    BORDERS,
+    attention_implementations,
+    block_attention,
+    local_attention,
+    rel_length,
+)
 from sasa_jax.norm import BatchNorm
 
 Array = jax.Array
@@ -345,19 +351,6 @@ class AttentionStem(nnx.Module):
         v = jnp.einsum("bhawgc,agco->bhawgo", tiles.astype(dtype), mixed.astype(dtype))
         return v.reshape(b, h, w, self.out_features)
 
-    def _to_tiles(self, x: Array) -> Array:
-        """``[b, H, W, n, d] -> [b*(H/s)*(W/s), s, s, n, d]`` for block size s."""
-        b, h, w, n, d = x.shape
-        s = self.block
-        x = x.reshape(b, h // s, s, w // s, s, n, d).transpose(0, 1, 3, 2, 4, 5, 6)
-        return x.reshape(-1, s, s, n, d)
-
-    def _from_tiles(self, x: Array, shape: tuple[int, ...]) -> Array:
-        b, h, w = shape[:3]
-        s = self.block
-        x = x.reshape(b, h // s, w // s, s, s, -1).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, h, w, -1)
-
     def attend(self, x: Array, *, return_weights: bool = False):
         """The stem's attention alone, before BN and pooling: ``[b, H, W, out_features]``
         (and weights ``[b*(H/s)*(W/s), s, s, heads, s*s]`` per tile)."""
@@ -373,18 +366,19 @@ class AttentionStem(nnx.Module):
         q = _project(self.query, x)
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
         k, v = _project(self.key, x), self._values(x)
-        tiles = [self._to_tiles(_split_heads(t, self.num_heads)) for t in (q, k, v)]
-        result = local_attention(
-            *tiles,
-            window=self.block,
+        q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
+        result = block_attention(
+            q,
+            k,
+            v,
+            block=self.block,
             rel_row=self.rel_row[...].astype(q.dtype),
             rel_col=self.rel_col[...].astype(q.dtype),
-            border="clamp",
             implementation=self.implementation,
             return_weights=return_weights,
         )
         out, weights = result if return_weights else (result, None)
-        out = self._from_tiles(out, x.shape)
+        out = out.reshape(*x.shape[:3], self.out_features)
         return (out, weights) if return_weights else out
 
     def __call__(self, x: Array) -> Array:

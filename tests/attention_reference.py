@@ -118,3 +118,31 @@ def reference_attention(q, k, v, *, window, rel_row=None, rel_col=None, dilation
     out = out.reshape(b, h, w, n, -1)
     weights = jnp.transpose(taps, (0, 2, 1, 3)).reshape(b, h, w, n, -1)
     return out, weights
+
+
+def reference_block_attention(q, k, v, rel_row, rel_col, block):
+    """Dense attention inside each ``block x block`` tile, written out from the contract of
+    ``block_attention``: query (a, b) and key (c, e) of one tile meet with the logit
+    ``q . k + q_row . rel_row[c - a + block - 1] + q_col . rel_col[e - b + block - 1]``
+    (no relative term without tables). Returns ``(out [b, H, W, n, dv], weights [tiles,
+    block, block, n, block*block])``."""
+    b, h, w, n, d = q.shape
+    s = block
+
+    def tiles(t):  # [b, H, W, n, x] -> [b, H/s, W/s, n, s*s, x]
+        t = t.reshape(b, h // s, s, w // s, s, n, -1).transpose(0, 1, 3, 5, 2, 4, 6)
+        return t.reshape(b, h // s, w // s, n, s * s, -1)
+
+    qt, kt, vt = tiles(q), tiles(k), tiles(v)
+    logits = jnp.einsum("...pd,...qd->...pq", qt, kt)
+    if rel_row is not None:
+        rows, cols = np.divmod(np.arange(s * s), s)
+        dr = rows[None, :] - rows[:, None] + s - 1  # [query, key] index into the tables
+        dc = cols[None, :] - cols[:, None] + s - 1
+        logits += jnp.einsum("...pd,pqd->...pq", qt[..., : d // 2], rel_row[dr])
+        logits += jnp.einsum("...pd,pqd->...pq", qt[..., d // 2 :], rel_col[dc])
+    weights = jax.nn.softmax(logits, -1)  # [b, H/s, W/s, n, s*s (query), s*s (key)]
+    out = jnp.einsum("...pq,...qe->...pe", weights, vt)
+    out = out.reshape(b, h // s, w // s, n, s, s, -1).transpose(0, 1, 4, 2, 5, 3, 6)
+    weights = weights.reshape(b, h // s, w // s, n, s, s, s * s).transpose(0, 1, 2, 4, 5, 3, 6)
+    return out.reshape(b, h, w, n, -1), weights.reshape(-1, s, s, n, s * s)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_attention
+from attention_reference import reference_attention, reference_block_attention
 
 import sasa_jax
 from sasa_jax import local_attention
@@ -465,3 +465,105 @@ def test_auto_picks_by_map_size_and_takes_new_rules(monkeypatch):
     add_auto_rule("test-backend", "gather", lambda shape, rows, cols: rows.size == 56)
     assert auto_choice((8, 56, 56, 8, 8), *windows(56), backend="test-backend") == "gather"
     assert auto_choice((8, 28, 28, 8, 16), *windows(28), backend="test-backend") == "tiled"
+
+
+# ------------------------------------------------------------------------ block attention
+
+# (image, block, heads, dim): square and rectangular maps, block 1 (each query alone) and a
+# block as large as the map.
+BLOCK_CASES = [((8, 12), 4, 2, 8), ((6, 6), 3, 3, 4), ((4, 6), 1, 2, 4), ((4, 4), 4, 1, 6)]
+
+
+def _block_inputs(image, heads, dim, block, rel, batch=2):
+    ks = jax.random.split(jax.random.key(7), 6)
+    shape = (batch, *image, heads, dim)
+    q, k, v = (jax.random.normal(ks[i], shape) for i in range(3))
+    tables = {}
+    if rel:
+        tables = {
+            name: jax.random.normal(ks[3 + i], (2 * block - 1, dim // 2))
+            for i, name in enumerate(("rel_row", "rel_col"))
+        }
+    return q, k, v, tables, jax.random.normal(ks[5], shape)
+
+
+# Every implementation but the kernel runs block_attention through the same cut-out tiles and
+# its own "clamp" path (tested above for every geometry). "fused" unrolls a clamp window per
+# offset and takes about 35 s to compile at block 4, so it runs the smaller blocks only.
+BLOCK_RUNS = [
+    (implementation, case)
+    for implementation in IMPLEMENTATIONS
+    for case in BLOCK_CASES
+    if implementation != "fused" or case[1] < 4
+]
+
+
+@pytest.mark.parametrize("rel", [True, False], ids=["rel", "norel"])
+@pytest.mark.parametrize(
+    "implementation, case",
+    BLOCK_RUNS,
+    ids=lambda c: c if isinstance(c, str) else f"img{c[0][0]}x{c[0][1]}-b{c[1]}",
+)
+def test_block_attention_matches_reference(implementation, case, rel):
+    """Outputs, weights and gradients of every implementation (the C++ kernel on the whole
+    map, the others on cut-out tiles) against the dense per-tile reference."""
+    image, block, heads, dim = case
+    q, k, v, tables, cot = _block_inputs(image, heads, dim, block, rel)
+    rel_row, rel_col = tables.get("rel_row"), tables.get("rel_col")
+    ref_out, ref_weights = reference_block_attention(q, k, v, rel_row, rel_col, block)
+
+    def ours(q, k, v, tables, weights=False):
+        return sasa_jax.block_attention(
+            q, k, v, block=block, implementation=implementation, return_weights=weights, **tables
+        )
+
+    out = jax.jit(ours)(q, k, v, tables)
+    chex.assert_trees_all_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    out_w, weights = jax.jit(functools.partial(ours, weights=True))(q, k, v, tables)
+    chex.assert_trees_all_close(out_w, ref_out, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(weights, ref_weights, atol=1e-5, rtol=1e-5)
+
+    def loss(attend, q, k, v, tables):
+        return jnp.sum(attend(q, k, v, tables) * cot)
+
+    def reference(q, k, v, tables):
+        return reference_block_attention(
+            q, k, v, tables.get("rel_row"), tables.get("rel_col"), block
+        )[0]
+
+    grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2, 3)))(q, k, v, tables)
+    ref_grads = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2, 3))(q, k, v, tables)
+    chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif("native" not in IMPLEMENTATIONS, reason="the C++ kernel is not built")
+@pytest.mark.parametrize("implementation", ["native", "auto"])
+def test_block_attention_runs_the_kernel_on_the_whole_map(implementation):
+    """On CPU the kernel takes the blocks' window tables on the uncut map: its custom call
+    sees [batch, height, width, ...], and no tiles are cut out (no transposes)."""
+    q, k, v, tables, _ = _block_inputs((8, 12), 2, 8, 4, True)
+
+    def ours(q, k, v, tables):
+        return sasa_jax.block_attention(q, k, v, block=4, implementation=implementation, **tables)
+
+    hlo = jax.jit(ours).lower(q, k, v, tables).as_text(dialect="hlo")
+    calls = [line for line in hlo.splitlines() if "sasa_local_attention_forward" in line]
+    assert len(calls) == 1 and "f32[2,8,12,2,8]" in calls[0], calls
+    assert "transpose(" not in hlo
+
+
+def test_block_attention_bad_arguments():
+    q = jnp.zeros((1, 8, 6, 2, 4))
+    with pytest.raises(ValueError, match="multiples of block"):
+        sasa_jax.block_attention(q, q, q, block=4)
+    with pytest.raises(ValueError, match="block must be an int"):
+        sasa_jax.block_attention(q, q, q, block=0)
+    with pytest.raises(ValueError, match=r"rel_row must have shape \(3, 2\)"):
+        table = jnp.zeros((2, 2))
+        sasa_jax.block_attention(q, q, q, block=2, rel_row=table, rel_col=table)
+    with pytest.raises(ValueError, match="both"):
+        sasa_jax.block_attention(q, q, q, block=2, rel_row=jnp.zeros((3, 2)))
+    with pytest.raises(ValueError, match="implementation"):
+        sasa_jax.block_attention(q, q, q, block=2, implementation="nope")
+    with pytest.raises(ValueError, match="border"):
+        local_attention(q, q, q, window=2, border="blocks")  # not a border of local_attention

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_attention
+from attention_reference import reference_attention, reference_block_attention
 from flax import nnx
 
 from sasa_jax.layers import AttentionStem, SelfAttention2D, sinusoidal_2d
@@ -173,26 +173,6 @@ def test_stem_maps_224_to_56():
     chex.assert_shape(stem(jnp.ones((1, 224, 224, 3))), (1, 56, 56, 64))
 
 
-def _tile_attention(q, k, v, rel_row, rel_col, s):
-    """Dense attention inside each s x s tile, written out independently of the op."""
-    b, h, w, n, d = q.shape
-
-    def tiles(t):
-        t = t.reshape(b, h // s, s, w // s, s, n, -1).transpose(0, 1, 3, 5, 2, 4, 6)
-        return t.reshape(b, h // s, w // s, n, s * s, -1)
-
-    qt, kt, vt = tiles(q), tiles(k), tiles(v)
-    rows, cols = np.divmod(np.arange(s * s), s)
-    dr = rows[None, :] - rows[:, None] + s - 1  # [query, key] index into the tables
-    dc = cols[None, :] - cols[:, None] + s - 1
-    logits = jnp.einsum("...pd,...qd->...pq", qt, kt)
-    logits += jnp.einsum("...pd,pqd->...pq", qt[..., : d // 2], rel_row[dr])
-    logits += jnp.einsum("...pd,pqd->...pq", qt[..., d // 2 :], rel_col[dc])
-    out = jnp.einsum("...pq,...qe->...pe", jax.nn.softmax(logits, -1), vt)
-    out = out.reshape(b, h // s, w // s, n, s, s, -1).transpose(0, 1, 4, 2, 5, 3, 6)
-    return out.reshape(b, h, w, -1)
-
-
 def test_stem_spatially_aware_attention_matches_hand_computation():
     stem = AttentionStem(3, 16, num_heads=2, num_mixtures=3, rngs=nnx.Rngs(2))
     x = _x((2, 8, 8, 3))
@@ -207,10 +187,10 @@ def test_stem_spatially_aware_attention_matches_hand_computation():
             v[:, i, j] = x[:, i, j] @ jnp.einsum("m,mco->co", p, w_m)  # eq. 8
     q = (x @ stem.query.kernel[...]).reshape(2, 8, 8, 2, 8) / np.sqrt(8.0)
     k = (x @ stem.key.kernel[...]).reshape(2, 8, 8, 2, 8)
-    expected = _tile_attention(
+    expected, _ = reference_block_attention(
         q, k, v.reshape(2, 8, 8, 2, 8), stem.rel_row[...], stem.rel_col[...], 4
     )
-    chex.assert_trees_all_close(stem.attend(x), expected, atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(stem.attend(x), expected.reshape(2, 8, 8, 16), atol=1e-4, rtol=1e-4)
     p = stem.mixture_weights()
     chex.assert_shape(p, (4, 4, 3))
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)

@@ -10,13 +10,17 @@ from sasa_jax.attention.api import (
     add_auto_rule,
     attention_implementations,
     auto_choice,
+    block_attention,
+    from_blocks,
     local_attention,
     register,
     softmax_dtype,
+    to_blocks,
 )
-from sasa_jax.attention.windows import BORDERS, AxisWindow, axis_window, rel_length
+from sasa_jax.attention.windows import BLOCKS, BORDERS, AxisWindow, axis_window, rel_length
 
 __all__ = [
+    "BLOCKS",
     "BORDERS",
     "AxisWindow",
     "Implementation",
@@ -24,8 +28,11 @@ __all__ = [
     "attention_implementations",
     "auto_choice",
     "axis_window",
+    "block_attention",
+    "from_blocks",
     "local_attention",
     "register",
     "rel_length",
     "softmax_dtype",
+    "to_blocks",
 ]

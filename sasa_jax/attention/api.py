@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sasa_jax.attention.windows import BORDERS, AxisWindow, axis_window, rel_length
+from sasa_jax.attention.windows import BLOCKS, BORDERS, AxisWindow, axis_window, rel_length
 
 Array = jax.Array
 
@@ -21,11 +21,15 @@ class Implementation:
     ``fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)`` receives checked arguments and
     the static ``AxisWindow`` of each axis; it returns ``out`` or ``(out, weights)``.
     ``available(backend)`` says whether it runs on a JAX backend ("cpu", "gpu", "tpu").
+    ``blocks(q, k, v, rel_row, rel_col, rows, cols)``, optional, is ``block_attention``
+    (``rows``/``cols`` with border ``BLOCKS``) on the whole map; without it ``block_attention``
+    cuts the blocks out as images and runs ``fn`` on them.
     """
 
     name: str
     fn: Callable[..., Any]
     available: Callable[[str], bool] = lambda backend: True
+    blocks: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -232,6 +236,84 @@ def local_attention(
     return result
 
 
+def to_blocks(x: Array, block: int) -> Array:
+    """``[b, H, W, ...] -> [b*(H/s)*(W/s), s, s, ...]`` for block size s (row-major blocks)."""
+    b, h, w = x.shape[:3]
+    rest = x.shape[3:]
+    x = x.reshape(b, h // block, block, w // block, block, *rest)
+    x = jnp.moveaxis(x, 3, 2)
+    return x.reshape(-1, block, block, *rest)
+
+
+def from_blocks(x: Array, image: tuple[int, int, int]) -> Array:
+    """The inverse of ``to_blocks`` for ``image = (b, H, W)``."""
+    b, h, w = image
+    block = x.shape[1]
+    rest = x.shape[3:]
+    x = x.reshape(b, h // block, w // block, block, block, *rest)
+    x = jnp.moveaxis(x, 3, 2)
+    return x.reshape(b, h, w, *rest)
+
+
+def block_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    block: int,
+    rel_row: Array | None = None,
+    rel_col: Array | None = None,
+    implementation: str = "auto",
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Attention inside non-overlapping ``block x block`` tiles (the attention stem, eq. 4-7).
+
+    Every query attends to every position of its own tile, with relative logits for offsets in
+    ``[-(block-1), block-1]``: the numbers of ``local_attention(..., window=block,
+    border="clamp")`` run on each tile as an image of its own. An implementation with a
+    ``blocks`` function runs on the whole map (the C++ kernel on CPU); the others on the tiles.
+
+    Args:
+      q, k: ``[batch, height, width, heads, dim]``, height and width multiples of ``block``.
+      v: ``[batch, height, width, heads, dim_v]``.
+      block: the tile size, at least 1.
+      rel_row, rel_col: ``[2*block-1, dim/2]`` each, or both None.
+      implementation: as ``local_attention``'s; "auto" picks for the tiles' shape.
+      return_weights: also return the weights, ``[tiles, block, block, heads, block*block]``
+        with the tiles in ``to_blocks`` order.
+
+    Returns:
+      ``[batch, height, width, heads, dim_v]`` (and the weights).
+
+    Raises:
+      ValueError: for any inconsistent argument, before anything is traced or compiled.
+    """
+    _check_shapes(q, k, v)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int of at least 1, got {block!r}")
+    image = (q.shape[1], q.shape[2])
+    if image[0] % block or image[1] % block:
+        raise ValueError(f"height and width must be multiples of block={block}, got {image}")
+    if (rel_row is None) != (rel_col is None):
+        raise ValueError("give both rel_row and rel_col, or neither")
+    _check_rel(rel_row, "rel_row", block, "clamp", q.shape[-1])
+    _check_rel(rel_col, "rel_col", block, "clamp", q.shape[-1])
+    impl = _implementation(implementation)
+    tile = axis_window(block, block, 1, "clamp")
+    tiles_shape = (q.shape[0] * (image[0] // block) * (image[1] // block), block, block)
+    if implementation == "auto":
+        impl = _REGISTRY[auto_choice(tiles_shape + tuple(q.shape[3:]), tile, tile)]
+    if impl.blocks is not None and not return_weights:
+        rows = axis_window(image[0], block, 1, BLOCKS)
+        cols = axis_window(image[1], block, 1, BLOCKS)
+        return impl.blocks(q, k, v, rel_row, rel_col, rows, cols)
+    tiles = [to_blocks(t, block) for t in (q, k, v)]
+    result = impl.fn(*tiles, rel_row, rel_col, tile, tile, return_weights)
+    out, weights = result if return_weights else (result, None)
+    out = from_blocks(out, tuple(q.shape[:3]))
+    return (out, weights) if return_weights else out
+
+
 def softmax_dtype(dtype: Any) -> jnp.dtype:
     """The dtype the softmax runs in: float32 for 16-bit inputs, else the input's."""
     dtype = jnp.dtype(dtype)
@@ -242,6 +324,9 @@ register(Implementation("auto", _auto))
 
 __all__ = [
     "AxisWindow",
+    "block_attention",
+    "from_blocks",
+    "to_blocks",
     "Implementation",
     "add_auto_rule",
     "auto_choice",

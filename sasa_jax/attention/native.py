@@ -451,8 +451,8 @@ def _attend_bwd(geometry: Geometry, residuals, d_out):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def native_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
-    """``local_attention`` by the C++ kernel (float32 inside); arguments are already checked."""
+def _run(q, k, v, rel_row, rel_col, rows: AxisWindow, cols: AxisWindow) -> Array:
+    """The kernel's output for checked arguments, in v's dtype (float32 inside)."""
     has_rel = rel_row is not None
     f32 = jnp.float32
     if has_rel:
@@ -461,13 +461,34 @@ def native_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
         tables = (jnp.zeros((1, 1), f32), jnp.zeros((1, 1), f32))
     geometry = Geometry(rows.spec, cols.spec, has_rel)
     out = _attend(q.astype(f32), k.astype(f32), v.astype(f32), *tables, geometry)
-    out = out.astype(v.dtype)
+    return out.astype(v.dtype)
+
+
+def native_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
+    """``local_attention`` by the C++ kernel; arguments are already checked."""
+    out = _run(q, k, v, rel_row, rel_col, rows, cols)
     if not return_weights:
         return out
     _, weights = gather.gather_attention(q, k, v, rel_row, rel_col, rows, cols, True)
     return out, weights
 
 
-register(Implementation("native", native_attention, available=available))
+def native_block_attention(q, k, v, rel_row, rel_col, rows, cols):
+    """``block_attention`` on the whole map: the kernel takes any window tables, and a block's
+    are a "clamp" window's with the block's start, so no tiles are cut or put back."""
+    return _run(q, k, v, rel_row, rel_col, rows, cols)
 
-__all__ = ["Geometry", "available", "compile_command", "library", "native_attention", "row_span"]
+
+register(
+    Implementation("native", native_attention, available=available, blocks=native_block_attention)
+)
+
+__all__ = [
+    "Geometry",
+    "available",
+    "compile_command",
+    "library",
+    "native_attention",
+    "native_block_attention",
+    "row_span",
+]

@@ -13,6 +13,10 @@ import numpy as np
 
 BORDERS = ("mask", "zeros", "clamp")
 
+# Not a border of ``local_attention``: the geometry of ``block_attention``, where the axis is cut
+# into blocks of ``window`` positions and each query's taps are its own block's positions.
+BLOCKS = "blocks"
+
 
 @dataclasses.dataclass(frozen=True)
 class AxisWindow:
@@ -22,7 +26,7 @@ class AxisWindow:
       size: number of positions along the axis (height or width).
       window: window extent k along the axis.
       dilation: step between window taps.
-      border: one of ``BORDERS``.
+      border: one of ``BORDERS``, or ``BLOCKS``.
       pad_before: zero rows to prepend so that tap ``t`` of query ``i`` is padded index
         ``start[i] + dilation * t``.
       pad_after: zero rows to append.
@@ -55,20 +59,30 @@ class AxisWindow:
     @property
     def centred(self) -> bool:
         """True when every query's window is the same shift of the query (no clamping)."""
-        return self.border != "clamp"
+        return self.border not in ("clamp", BLOCKS)
 
 
 def rel_length(window: int, border: str) -> int:
     """Length of the relative-position table along an axis of window extent ``window``."""
-    return 2 * window - 1 if border == "clamp" else window
+    return 2 * window - 1 if border in ("clamp", BLOCKS) else window
+
+
+def _first_tap(size: int, window: int, border: str) -> np.ndarray:
+    """``[size]``: where each query's window starts when it does not follow the query: the
+    window nearest the centre that fits ("clamp"), or the query's block (``BLOCKS``)."""
+    if border == BLOCKS:
+        if size % window:
+            raise ValueError(f"blocks of {window} do not tile an axis of {size}")
+        return np.arange(size) // window * window
+    return np.clip(np.arange(size) - window // 2, 0, size - window)
 
 
 def axis_window(size: int, window: int, dilation: int, border: str) -> AxisWindow:
     """Computes the window geometry of one axis. See ``local_attention`` for the semantics."""
     queries = np.arange(size)[:, None]
     taps = np.arange(window)[None, :]
-    if border == "clamp":
-        first = np.clip(np.arange(size) - window // 2, 0, size - window)
+    if border in ("clamp", BLOCKS):
+        first = _first_tap(size, window, border)
         position = first[:, None] + taps
         rel_index = position - queries + (window - 1)
         pad_before = pad_after = 0
