@@ -324,14 +324,14 @@ register(Implementation("auto", _auto))
 
 __all__ = [
     "AxisWindow",
-    "block_attention",
-    "from_blocks",
-    "to_blocks",
     "Implementation",
     "add_auto_rule",
-    "auto_choice",
     "attention_implementations",
+    "auto_choice",
+    "block_attention",
+    "from_blocks",
     "local_attention",
     "register",
     "softmax_dtype",
+    "to_blocks",
 ]
