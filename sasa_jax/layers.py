@@ -21,6 +21,7 @@ from sasa_jax.attention import (
     BORDERS,
     attention_implementations,
     block_attention,
+    from_blocks,
     local_attention,
     rel_length,
 )
@@ -385,11 +386,7 @@ class AttentionStem(nnx.Module):
         """``x: [batch, H, W, in_features] -> [batch, H/block, W/block, out_features]``."""
         if self.capture:
             attended, weights = self.attend(x, return_weights=True)
-            b, h, w = x.shape[:3]
-            s = self.block
-            weights = weights.reshape(b, h // s, w // s, s, s, self.num_heads, s * s)
-            weights = weights.transpose(0, 1, 3, 2, 4, 5, 6).reshape(b, h, w, self.num_heads, -1)
-            self.sow(nnx.Intermediate, "attention_weights", weights)
+            self.sow(nnx.Intermediate, "attention_weights", from_blocks(weights, x.shape[:3]))
         else:
             attended = self.attend(x)
         y = nnx.relu(self.norm(attended))

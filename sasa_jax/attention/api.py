@@ -153,6 +153,18 @@ def _check_rel(rel: Array | None, name: str, window: int, border: str, dim: int)
         )
 
 
+def _check_tables(rel_row, rel_col, window: tuple[int, int], border: str, dim: int) -> None:
+    if (rel_row is None) != (rel_col is None):
+        raise ValueError("give both rel_row and rel_col, or neither")
+    _check_rel(rel_row, "rel_row", window[0], border, dim)
+    _check_rel(rel_col, "rel_col", window[1], border, dim)
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
+
+
 def _check_border(border: str, window: tuple[int, int], dilation: int, image: tuple[int, int]):
     if border not in BORDERS:
         raise ValueError(f"border must be one of {BORDERS}, got {border!r}")
@@ -221,14 +233,10 @@ def local_attention(
     """
     _check_shapes(q, k, v)
     window = _pair(window, "window")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"dilation must be an int of at least 1, got {dilation!r}")
+    _positive_int(dilation, "dilation")
     image = (q.shape[1], q.shape[2])
     _check_border(border, window, dilation, image)
-    if (rel_row is None) != (rel_col is None):
-        raise ValueError("give both rel_row and rel_col, or neither")
-    _check_rel(rel_row, "rel_row", window[0], border, q.shape[-1])
-    _check_rel(rel_col, "rel_col", window[1], border, q.shape[-1])
+    _check_tables(rel_row, rel_col, window, border, q.shape[-1])
     impl = _implementation(implementation)
     rows = axis_window(image[0], window[0], dilation, border)
     cols = axis_window(image[1], window[1], dilation, border)
@@ -289,15 +297,11 @@ def block_attention(
       ValueError: for any inconsistent argument, before anything is traced or compiled.
     """
     _check_shapes(q, k, v)
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be an int of at least 1, got {block!r}")
+    _positive_int(block, "block")
     image = (q.shape[1], q.shape[2])
     if image[0] % block or image[1] % block:
         raise ValueError(f"height and width must be multiples of block={block}, got {image}")
-    if (rel_row is None) != (rel_col is None):
-        raise ValueError("give both rel_row and rel_col, or neither")
-    _check_rel(rel_row, "rel_row", block, "clamp", q.shape[-1])
-    _check_rel(rel_col, "rel_col", block, "clamp", q.shape[-1])
+    _check_tables(rel_row, rel_col, (block, block), "clamp", q.shape[-1])
     impl = _implementation(implementation)
     tile = axis_window(block, block, 1, "clamp")
     tiles_shape = (q.shape[0] * (image[0] // block) * (image[1] // block), block, block)
