@@ -1,11 +1,13 @@
 """The 2-D local self-attention op (no Flax): pure-JAX implementations and a C++ CPU kernel.
 
-``local_attention`` checks its arguments and dispatches to one module per implementation.
-Importing an implementation module registers it.
+``local_attention`` and ``block_attention`` check their arguments and run one module per
+implementation, through a primitive lowered per platform (``dispatch``): ``auto`` chooses per
+lowering platform. Importing an implementation module registers it.
 """
 
-from sasa_jax.attention import fused, gather, native, tiled  # noqa: F401  (register them)
+from sasa_jax.attention import gather, native, pallas, tiled  # noqa: F401  (register them)
 from sasa_jax.attention.api import (
+    BACKENDS,
     Implementation,
     add_auto_rule,
     attention_implementations,
@@ -14,12 +16,14 @@ from sasa_jax.attention.api import (
     from_blocks,
     local_attention,
     register,
+    registered,
     softmax_dtype,
     to_blocks,
 )
 from sasa_jax.attention.windows import BLOCKS, BORDERS, AxisWindow, axis_window, rel_length
 
 __all__ = [
+    "BACKENDS",
     "BLOCKS",
     "BORDERS",
     "AxisWindow",
@@ -32,6 +36,7 @@ __all__ = [
     "from_blocks",
     "local_attention",
     "register",
+    "registered",
     "rel_length",
     "softmax_dtype",
     "to_blocks",

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sasa_jax.attention import dispatch
+from sasa_jax.attention.dispatch import Kernel
 from sasa_jax.attention.windows import BLOCKS, BORDERS, AxisWindow, axis_window, rel_length
 
 Array = jax.Array
@@ -18,31 +20,44 @@ Array = jax.Array
 class Implementation:
     """A registered implementation of the op.
 
-    ``fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)`` receives checked arguments and
-    the static ``AxisWindow`` of each axis; it returns ``out`` or ``(out, weights)``.
-    ``available(backend)`` says whether it runs on a JAX backend ("cpu", "gpu", "tpu").
-    ``blocks(q, k, v, rel_row, rel_col, rows, cols)``, optional, is ``block_attention``
-    (``rows``/``cols`` with border ``BLOCKS``) on the whole map; without it ``block_attention``
-    cuts the blocks out as images and runs ``fn`` on them.
+    ``kernel`` (a ``dispatch.Kernel``: forward and backward passes that keep only the
+    log-sum-exp) makes it one of the per-platform choices of the op's primitive: how
+    "native", "pallas", "tiled" and "dense" run, and all that "auto" picks. ``fn(q, k, v,
+    rel_row, rel_col, rows, cols, return_weights)`` is called directly instead, with checked
+    arguments (``k`` and the tables may be None) and the ``AxisWindow`` of each axis, when
+    there is no kernel ("gather") or when the weights are asked for and ``fn`` computes them
+    itself; other implementations take their weights from "gather". ``available(backend)``
+    says whether it is offered on a JAX backend ("cpu", "gpu", "tpu"): listed by
+    ``attention_implementations`` and open to ``auto``. ``callable_on`` names backends where
+    it runs when asked for by name although it is not offered there (the Pallas kernels in
+    interpret mode on CPU, for tests).
     """
 
     name: str
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None = None
+    kernel: Kernel | None = None
     available: Callable[[str], bool] = lambda backend: True
-    blocks: Callable[..., Any] | None = None
+    callable_on: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Implementation] = {}
 
+# The JAX backends "auto" chooses for (each lowering platform takes its backend's choice).
+BACKENDS = ("cpu", "gpu", "tpu")
+
 
 def register(impl: Implementation) -> None:
-    """Adds an implementation; later issues (Pallas kernels) slot in here."""
+    """Adds an implementation (each implementation module registers itself on import)."""
     _REGISTRY[impl.name] = impl
 
 
+def registered(name: str) -> Implementation:
+    """The registered implementation called ``name`` (no availability check)."""
+    return _REGISTRY[name]
+
+
 # How "auto" chooses, per backend: rules tried in order, each ``(name, applies(q_shape,
-# rows, cols))``; the first that applies and is registered wins, else "gather". A fused Pallas
-# kernel for GPU/TPU goes first in its backend's list via ``add_auto_rule``.
+# rows, cols))``; the first that applies and is available wins, else "gather".
 _AUTO_RULES: dict[str, list[tuple[str, Callable[..., bool]]]] = {}
 
 
@@ -64,21 +79,19 @@ def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: 
 
 
 def _default_rules(backend: str) -> list[tuple[str, Callable[..., bool]]]:
-    # Measured with benchmarks/attention.py (README, "Performance"). On CPU the C++ kernel
-    # ("native", where it could be built) beats every pure-JAX implementation at every ResNet
-    # stage shape; without it, dense wins where the window covers a quarter of the map or
-    # more, and tiled everywhere else. On an H100 (one run, batch 8, with the previous tiled)
-    # tiled already beat dense at 14x14 (0.6 against 1.0 ms), so dense is kept for maps no
-    # larger than the window, and fused won at head dim 8. TPU has no measurements and takes
-    # the CPU's pure-JAX rules.
+    # The measurements behind these rules are in docs/performance.md. CPU: the C++ kernel
+    # ("native") beats every pure-JAX implementation at every ResNet stage shape; without it,
+    # dense wins where the window covers a quarter of the map or more, tiled elsewhere.
+    # GPU and TPU: the Pallas kernel (not yet timed on either). Without it, on GPU (an H100,
+    # batch 8) tiled beat dense from 14x14 up; TPU takes the CPU's pure-JAX rules.
     if backend == "gpu":
         return [
+            ("pallas", lambda *_: True),
             ("dense", _map_within_window),
-            ("fused", lambda q_shape, rows, cols: q_shape[-1] <= 8),
             ("tiled", lambda *_: True),
         ]
     return [
-        ("native", lambda *_: True),
+        ("native" if backend == "cpu" else "pallas", lambda *_: True),
         ("dense", _window_covers_map),
         ("tiled", lambda *_: True),
     ]
@@ -96,13 +109,33 @@ def auto_choice(
     return "gather"
 
 
-def _auto(q, k, v, rel_row, rel_col, rows, cols, return_weights):
-    name = auto_choice(tuple(q.shape), rows, cols)
-    return _REGISTRY[name].fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
+def _choices(name: str, q_shape, rows: AxisWindow, cols: AxisWindow) -> dict[str, str]:
+    """The implementation for each backend: ``auto``'s per-backend choice, or ``name``."""
+    if name == "auto":
+        return {backend: auto_choice(tuple(q_shape), rows, cols, backend) for backend in BACKENDS}
+    return dict.fromkeys(BACKENDS, name)
+
+
+def _attend(name: str, q, k, v, rel_row, rel_col, rows, cols, return_weights: bool):
+    """Runs checked arguments: through the op's primitive when every backend's choice has a
+    kernel, else by a direct call; the weights from ``fn`` or from "gather"."""
+    impl = _REGISTRY[name]
+    if impl.kernel is None or (return_weights and impl.fn is not None):
+        return impl.fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
+    choices = _choices(name, q.shape, rows, cols)
+    if any(_REGISTRY[c].kernel is None for c in choices.values()):
+        here = _REGISTRY[choices[jax.default_backend()]]
+        return here.fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
+    out = dispatch.attention(q, k, v, rel_row, rel_col, rows, cols, choices)
+    if not return_weights:
+        return out
+    weights = _REGISTRY["gather"].fn(q, k, v, rel_row, rel_col, rows, cols, True)[1]
+    return out, weights
 
 
 def attention_implementations(backend: str | None = None) -> list[str]:
-    """Names of the implementations that run on ``backend`` (default: JAX's default backend)."""
+    """Names of the implementations offered on ``backend`` (default: JAX's default backend).
+    Listing builds nothing: the CPU kernel is compiled the first time the op runs on CPU."""
     backend = backend or jax.default_backend()
     return [name for name, impl in _REGISTRY.items() if impl.available(backend)]
 
@@ -124,12 +157,12 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
-def _check_shapes(q: Array, k: Array, v: Array) -> None:
+def _check_shapes(q: Array, k: Array | None, v: Array) -> None:
     if q.ndim != 5:
         raise ValueError(
             f"q must be [batch, height, width, heads, dim], got shape {tuple(q.shape)}"
         )
-    if tuple(k.shape) != tuple(q.shape):
+    if k is not None and tuple(k.shape) != tuple(q.shape):
         raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.ndim != 5 or tuple(v.shape[:4]) != tuple(q.shape[:4]):
         raise ValueError(
@@ -153,9 +186,13 @@ def _check_rel(rel: Array | None, name: str, window: int, border: str, dim: int)
         )
 
 
-def _check_tables(rel_row, rel_col, window: tuple[int, int], border: str, dim: int) -> None:
+def _check_tables(
+    rel_row, rel_col, window: tuple[int, int], border: str, dim: int, has_keys: bool
+) -> None:
     if (rel_row is None) != (rel_col is None):
         raise ValueError("give both rel_row and rel_col, or neither")
+    if not has_keys and rel_row is None:
+        raise ValueError("k=None (logits q·r alone) needs rel_row and rel_col")
     _check_rel(rel_row, "rel_row", window[0], border, dim)
     _check_rel(rel_col, "rel_col", window[1], border, dim)
 
@@ -184,7 +221,7 @@ def _implementation(name: str) -> Implementation:
         raise ValueError(f"implementation must be one of {sorted(_REGISTRY)}, got {name!r}")
     backend = jax.default_backend()
     impl = _REGISTRY[name]
-    if not impl.available(backend):
+    if not impl.available(backend) and backend not in impl.callable_on:
         raise ValueError(
             f"implementation {name!r} does not run on backend {backend!r}; "
             f"available: {attention_implementations(backend)}"
@@ -194,7 +231,7 @@ def _implementation(name: str) -> Implementation:
 
 def local_attention(
     q: Array,
-    k: Array,
+    k: Array | None,
     v: Array,
     *,
     window: int | Sequence[int],
@@ -209,7 +246,8 @@ def local_attention(
 
     Args:
       q: ``[batch, height, width, heads, dim]`` queries (the op does no scaling).
-      k: ``[batch, height, width, heads, dim]`` keys.
+      k: ``[batch, height, width, heads, dim]`` keys, or None: the logits are then the
+        relative term alone (the paper's Table 6 "q·r"; needs the tables), with no q·k work.
       v: ``[batch, height, width, heads, dim_v]`` values.
       window: ``k`` or ``(kh, kw)``, each at least 1.
       rel_row: ``[kh, dim/2]`` (``[2kh-1, dim/2]`` for border "clamp") row-offset embeddings,
@@ -236,12 +274,11 @@ def local_attention(
     _positive_int(dilation, "dilation")
     image = (q.shape[1], q.shape[2])
     _check_border(border, window, dilation, image)
-    _check_tables(rel_row, rel_col, window, border, q.shape[-1])
-    impl = _implementation(implementation)
+    _check_tables(rel_row, rel_col, window, border, q.shape[-1], k is not None)
+    _implementation(implementation)
     rows = axis_window(image[0], window[0], dilation, border)
     cols = axis_window(image[1], window[1], dilation, border)
-    result = impl.fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
-    return result
+    return _attend(implementation, q, k, v, rel_row, rel_col, rows, cols, return_weights)
 
 
 def to_blocks(x: Array, block: int) -> Array:
@@ -265,7 +302,7 @@ def from_blocks(x: Array, image: tuple[int, int, int]) -> Array:
 
 def block_attention(
     q: Array,
-    k: Array,
+    k: Array | None,
     v: Array,
     *,
     block: int,
@@ -282,11 +319,12 @@ def block_attention(
     ``blocks`` function runs on the whole map (the C++ kernel on CPU); the others on the tiles.
 
     Args:
-      q, k: ``[batch, height, width, heads, dim]``, height and width multiples of ``block``.
+      q, k: ``[batch, height, width, heads, dim]``, height and width multiples of ``block``;
+        ``k`` may be None as for ``local_attention``.
       v: ``[batch, height, width, heads, dim_v]``.
       block: the tile size, at least 1.
       rel_row, rel_col: ``[2*block-1, dim/2]`` each, or both None.
-      implementation: as ``local_attention``'s; "auto" picks for the tiles' shape.
+      implementation: as ``local_attention``'s; "auto" picks per platform for the tiles' shape.
       return_weights: also return the weights, ``[tiles, block, block, heads, block*block]``
         with the tiles in ``to_blocks`` order.
 
@@ -301,21 +339,29 @@ def block_attention(
     image = (q.shape[1], q.shape[2])
     if image[0] % block or image[1] % block:
         raise ValueError(f"height and width must be multiples of block={block}, got {image}")
-    _check_tables(rel_row, rel_col, (block, block), "clamp", q.shape[-1])
-    impl = _implementation(implementation)
+    _check_tables(rel_row, rel_col, (block, block), "clamp", q.shape[-1], k is not None)
+    _implementation(implementation)
     tile = axis_window(block, block, 1, "clamp")
+    if implementation in ("gather", "dense"):  # on the tiles, each an image of its own
+        tiles = [None if t is None else to_blocks(t, block) for t in (q, k, v)]
+        result = _attend(implementation, *tiles, rel_row, rel_col, tile, tile, return_weights)
+        out, weights = result if return_weights else (result, None)
+        out = from_blocks(out, tuple(q.shape[:3]))
+        return (out, weights) if return_weights else out
+    # On the whole map: a block is a window that starts at the block's start.
+    rows = axis_window(image[0], block, 1, BLOCKS)
+    cols = axis_window(image[1], block, 1, BLOCKS)
     tiles_shape = (q.shape[0] * (image[0] // block) * (image[1] // block), block, block)
-    if implementation == "auto":
-        impl = _REGISTRY[auto_choice(tiles_shape + tuple(q.shape[3:]), tile, tile)]
-    if impl.blocks is not None and not return_weights:
-        rows = axis_window(image[0], block, 1, BLOCKS)
-        cols = axis_window(image[1], block, 1, BLOCKS)
-        return impl.blocks(q, k, v, rel_row, rel_col, rows, cols)
-    tiles = [to_blocks(t, block) for t in (q, k, v)]
-    result = impl.fn(*tiles, rel_row, rel_col, tile, tile, return_weights)
-    out, weights = result if return_weights else (result, None)
-    out = from_blocks(out, tuple(q.shape[:3]))
-    return (out, weights) if return_weights else out
+    choices = _choices(implementation, tiles_shape + tuple(q.shape[3:]), tile, tile)
+    # "dense" on the whole map would attend across blocks; "tiled" with block-sized tiles
+    # is exactly dense attention per block.
+    choices = {b: "tiled" if c in ("dense", "gather") else c for b, c in choices.items()}
+    out = dispatch.attention(q, k, v, rel_row, rel_col, rows, cols, choices)
+    if not return_weights:
+        return out
+    tiles = [None if t is None else to_blocks(t, block) for t in (q, k, v)]
+    weights = _REGISTRY["gather"].fn(*tiles, rel_row, rel_col, tile, tile, True)[1]
+    return out, weights
 
 
 def softmax_dtype(dtype: Any) -> jnp.dtype:
@@ -324,10 +370,10 @@ def softmax_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
 
 
-register(Implementation("auto", _auto))
+register(Implementation("auto", kernel=dispatch.Kernel(None, None)))
 
 __all__ = [
-    "AxisWindow",
+    "BACKENDS",
     "Implementation",
     "add_auto_rule",
     "attention_implementations",
@@ -336,6 +382,7 @@ __all__ = [
     "from_blocks",
     "local_attention",
     "register",
+    "registered",
     "softmax_dtype",
     "to_blocks",
 ]

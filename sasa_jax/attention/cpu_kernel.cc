@@ -1,19 +1,26 @@
 // The "native" implementation of sasa_jax.local_attention: exact 2-D local self-attention on
-// the CPU as two XLA FFI handlers, forward and backward. Built and loaded by native.py.
+// the CPU as two XLA FFI handlers, forward and backward, and SasaWorkspace, which tells
+// native.py how much scratch a call needs. Built and loaded by native_build.py.
 //
 // Layout. The inputs are q, k [B, H, W, n, d] and v [B, H, W, n, e] (float32, row-major). The
-// kernel vectorises over heads: a vector holds one value of 8 heads (a "head group"; lanes past
-// n are zero). Work items are (image, head group) pairs, or rows of one for the forward pass,
-// spread over XLA's intra-op thread pool. An item walks the query rows in order and keeps the
-// key rows that the current query row's windows reach in a ring buffer, transposed to
-// [column][channel][8 heads]; the backward pass adds dk and dv into a second such ring and
-// writes a key row out once no later query row reaches it. Every output element is computed by
-// one item in a fixed order, so the results do not depend on the number of threads.
+// kernel vectorises over the flattened (image, head) pairs of the batch: a vector holds one
+// value of 8 pairs (a "lane group": pairs 8G .. 8G+7, i.e. 8 heads of one image when n is a
+// multiple of 8, heads of several images when n is smaller; lanes past B * n are zero). Work
+// items are lane groups (several of them for small images), or blocks of query rows of one
+// for the forward pass, spread over XLA's intra-op thread pool. An item walks the query rows in
+// order and keeps the key rows that the current query row's windows reach in a ring buffer,
+// transposed to [column][channel][8 lanes]; the backward pass adds dk and dv into a second such
+// ring and writes a key row out once no later query row reaches it. Every output element is
+// computed by one item in a fixed order, so the results do not depend on the number of threads.
+// PlanWork decides the split and the scratch size; SasaWorkspace exports it to Python, so the
+// two cannot disagree.
 //
 // Geometry. Python passes, for each axis, every query position's window taps: position (may be
 // outside the image), membership (the tap takes part in the softmax) and relative-table row.
-// That one table covers the borders "mask", "zeros" and "clamp", dilation and even windows.
-// A member tap outside the image (border "zeros") is a zero key and value.
+// That one table covers the borders "mask", "zeros" and "clamp", block attention, dilation and
+// even windows. A member tap outside the image (border "zeros") is a zero key and value.
+// Without keys (has_key = 0, the paper's q·r-only logits) the logits are the relative terms
+// alone, and k is neither read nor differentiated.
 //
 // Numerics. Logits are computed in log2 units: keys and relative tables are scaled by log2(e)
 // as they are loaded, so each softmax weight is one exp2. The forward pass returns the output,
@@ -27,6 +34,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -291,6 +299,7 @@ struct Problem {
   Dims D;
   Axis rows, cols;
   bool has_rel;
+  bool has_key;
   int rel_rows, rel_cols;
   std::vector<float> rel_row2, rel_col2;  // the relative tables times log2(e)
   const float* rel_row;                   // unscaled, [rel_rows, d/2]
@@ -392,7 +401,13 @@ inline Vec Logits(const Problem& P, const Vec* __restrict q, QueryTaps& taps,
       for (int c = 0; c < h; ++c) y += q[c] * r[c];
     }
     const Vec* __restrict keys = key_ring + taps.row_key[t];
-    if (taps.all_inside) {
+    if (!P.has_key) {  // the relative terms alone
+      for (int u = 0; u < nc; ++u, ++x) {
+        const Vec s0 = y + by_col[u];
+        s[x] = s0;
+        m0 = s0 > m0 ? s0 : m0;
+      }
+    } else if (taps.all_inside) {
       int u = 0;
       for (; u + 2 <= nc; u += 2, x += 2) {
         const Vec s0 = y + by_col[u] + Dot<kD>(q, keys + taps.col_key[u], d);
@@ -485,7 +500,7 @@ void ForwardItem(const Problem& P, const float* q, const float* k, const float* 
   for (int64_t i = first_row; i < end_row; ++i) {
     for (; loaded < P.rows.hi[i];) {
       ++loaded;
-      L.RowIn(k, d, loaded, kLog2e, kring + (loaded % span) * krow);
+      if (P.has_key) L.RowIn(k, d, loaded, kLog2e, kring + (loaded % span) * krow);
       L.RowIn(v, e, loaded, 1.0f, vring + (loaded % span) * vrow);
     }
     taps.SetRow(P.rows.taps[i], krow, vrow);
@@ -559,7 +574,7 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
   auto write_rows_to = [&](int64_t last) {  // rows (written, last] get no more contributions
     for (; written < last;) {
       ++written;
-      L.RowOut(dkring + (written % span) * krow, d, written, dk);
+      if (P.has_key) L.RowOut(dkring + (written % span) * krow, d, written, dk);
       L.RowOut(dvring + (written % span) * vrow, e, written, dv);
     }
   };
@@ -567,7 +582,7 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
     write_rows_to(P.rows.lo[i] - 1);
     for (; loaded < P.rows.hi[i];) {
       ++loaded;
-      L.RowIn(k, d, loaded, kLog2e, kring + (loaded % span) * krow);
+      if (P.has_key) L.RowIn(k, d, loaded, kLog2e, kring + (loaded % span) * krow);
       L.RowIn(v, e, loaded, 1.0f, vring + (loaded % span) * vrow);
       std::memset(static_cast<void*>(dkring + (loaded % span) * krow), 0, krow * sizeof(Vec));
       std::memset(static_cast<void*>(dvring + (loaded % span) * vrow), 0, vrow * sizeof(Vec));
@@ -592,9 +607,13 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
       taps.ForInside([&](int x, size_t, size_t value_at) {
         ds[x] = p[x] * (Dot<kE>(dov, vring + value_at, e) - dlt);
       });
-      WeightedSum<kD>(taps, ds, true, kring, d, dqv);  // with log2-scaled keys
-      for (int c = 0; c < d; ++c) dqv[c] *= kLn2;
-      ScatterAdd<kD>(taps, ds, true, qv, d, dkring);
+      if (P.has_key) {
+        WeightedSum<kD>(taps, ds, true, kring, d, dqv);  // with log2-scaled keys
+        for (int c = 0; c < d; ++c) dqv[c] *= kLn2;
+        ScatterAdd<kD>(taps, ds, true, qv, d, dkring);
+      } else {
+        for (int c = 0; c < d; ++c) dqv[c] = Vec{};
+      }
       ScatterAdd<kE>(taps, p, false, dov, e, dvring);
       if (P.has_rel) {  // the relative terms' gradients: sums of ds over each row and column
         for (int t = 0; t < nr; ++t) {
@@ -645,26 +664,44 @@ using Spans = ffi::Span<const int64_t>;
 using Buf = ffi::Buffer<ffi::F32>;
 using Out = ffi::ResultBuffer<ffi::F32>;
 
+// The geometry of a call, from its shapes and window tables (no data pointers yet).
+struct Shape {
+  int64_t B, H, W, n, d, e, kh, kw, has_rel, has_key, rel_rows, rel_cols;
+};
+
+std::string MakeGeometry(const Shape& S, Spans rpos, Spans rmem, Spans rrel, Spans cpos,
+                         Spans cmem, Spans crel, Problem* P) {
+  if (S.B < 1 || S.H < 1 || S.W < 1 || S.n < 1 || S.d < 1 || S.e < 1 || S.kh < 1 || S.kw < 1) {
+    return "empty shapes";
+  }
+  if (static_cast<int64_t>(rpos.size()) != S.H * S.kh ||
+      static_cast<int64_t>(cpos.size()) != S.W * S.kw || rmem.size() != rpos.size() ||
+      rrel.size() != rpos.size() || cmem.size() != cpos.size() || crel.size() != cpos.size()) {
+    return "window tables do not match the image";
+  }
+  P->D = {S.B, S.H, S.W, S.n, S.d, S.e, (S.B * S.n + kLanes - 1) / kLanes};
+  P->rows = MakeAxis(static_cast<int>(S.H), static_cast<int>(S.kh), rpos, rmem, rrel);
+  P->cols = MakeAxis(static_cast<int>(S.W), static_cast<int>(S.kw), cpos, cmem, crel);
+  P->has_rel = S.has_rel != 0;
+  P->has_key = S.has_key != 0;
+  P->rel_rows = static_cast<int>(S.rel_rows);
+  P->rel_cols = static_cast<int>(S.rel_cols);
+  return "";
+}
+
 ffi::Error MakeProblem(Buf q, Buf v, Buf rel_row, Buf rel_col, int64_t kh, int64_t kw,
-                       int64_t has_rel, Spans rpos, Spans rmem, Spans rrel, Spans cpos,
-                       Spans cmem, Spans crel, Problem* P) {
+                       int64_t has_rel, int64_t has_key, Spans rpos, Spans rmem, Spans rrel,
+                       Spans cpos, Spans cmem, Spans crel, Problem* P) {
   const auto qd = q.dimensions();
   const auto vd = v.dimensions();
   if (qd.size() != 5 || vd.size() != 5) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q and v must be 5-D");
   }
-  P->D = {qd[0], qd[1], qd[2], qd[3], qd[4], vd[4], (qd[0] * qd[3] + kLanes - 1) / kLanes};
-  const int64_t H = P->D.H, W = P->D.W;
-  if (static_cast<int64_t>(rpos.size()) != H * kh || static_cast<int64_t>(cpos.size()) != W * kw ||
-      rmem.size() != rpos.size() || rrel.size() != rpos.size() || cmem.size() != cpos.size() ||
-      crel.size() != cpos.size()) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "window tables do not match the image");
+  const Shape S{qd[0], qd[1], qd[2], qd[3], qd[4], vd[4], kh, kw, has_rel, has_key,
+                rel_row.dimensions()[0], rel_col.dimensions()[0]};
+  if (std::string err = MakeGeometry(S, rpos, rmem, rrel, cpos, cmem, crel, P); !err.empty()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, err);
   }
-  P->rows = MakeAxis(static_cast<int>(H), static_cast<int>(kh), rpos, rmem, rrel);
-  P->cols = MakeAxis(static_cast<int>(W), static_cast<int>(kw), cpos, cmem, crel);
-  P->has_rel = has_rel != 0;
-  P->rel_rows = static_cast<int>(rel_row.dimensions()[0]);
-  P->rel_cols = static_cast<int>(rel_col.dimensions()[0]);
   P->rel_row = rel_row.typed_data();
   P->rel_col = rel_col.typed_data();
   if (P->has_rel) {
@@ -680,34 +717,62 @@ ffi::Error MakeProblem(Buf q, Buf v, Buf rel_row, Buf rel_col, int64_t kh, int64
   return ffi::Error::Success();
 }
 
-// Small images (the attention stem's 4x4 tiles) go several lane groups to a work item, so
-// that an item holds at least about 1024 queries: the per-item overhead stays small.
-int64_t GroupsPerItem(const Dims& D) { return std::max<int64_t>(1, 1024 / (D.H * D.W)); }
+// How a call's work is split over threads, and the scratch each thread needs.
+struct WorkPlan {
+  int64_t items = 1;       // work items
+  int64_t row_blocks = 1;  // forward: blocks of query rows per lane group (1: whole images)
+  int64_t per_item = 1;    // lane groups per item (when row_blocks == 1)
+  int64_t slots = 1;       // scratch slots: one per thread that runs items, min(items, workers)
+  size_t slot_vectors = 0; // per slot, with one spare for aligning the buffer's start
+};
 
-// The checked problem and the scratch slots of one call. The workspace is [slots, floats]:
-// one slot per worker, of `stride` vectors. Its start is rounded up to a vector's alignment, so
-// a slot may use all but its last vector.
+// The forward pass splits the rows of few lane groups into blocks until there are this many
+// items (or one per worker, if more), so that a small batch still spreads over the cores.
+constexpr int64_t kMinForwardItems = 8;
+
+// Small images (the attention stem's 4x4 tiles, the 7x7 stage) go several lane groups to an
+// item, up to about 1024 queries per item so the per-item overhead stays small, but never so
+// many that there are fewer items than workers.
+WorkPlan PlanWork(const Problem& P, bool backward, int64_t workers) {
+  const Dims& D = P.D;
+  WorkPlan w;
+  workers = std::max<int64_t>(1, workers);
+  const int64_t by_size = std::max<int64_t>(1, 1024 / (D.H * D.W));
+  const int64_t by_workers = std::max<int64_t>(1, D.groups / workers);
+  w.per_item = std::min(by_size, by_workers);
+  const int64_t target = std::max(kMinForwardItems, workers);
+  if (!backward && D.groups < target)
+    w.row_blocks = std::min<int64_t>(D.H, (target + D.groups - 1) / D.groups);
+  w.items = w.row_blocks > 1 ? D.groups * w.row_blocks : (D.groups + w.per_item - 1) / w.per_item;
+  w.slots = std::min(w.items, workers);
+  w.slot_vectors = (backward ? BackwardScratch(P) : ForwardScratch(P)) + 1;
+  return w;
+}
+
+// The checked problem, its work plan and the scratch slots of one call. The workspace is
+// [slots, floats]: one slot per worker, of `plan.slot_vectors` vectors. Its start is rounded
+// up to a vector's alignment, so a slot may use all but its last vector.
 struct Call {
   Problem P;
+  WorkPlan plan;
   Vec* base = nullptr;
-  size_t stride = 0;
-  int64_t slots = 0;
 };
 
 ffi::Error Prepare(Buf q, Buf v, Buf rel_row, Buf rel_col, Out& workspace, bool backward,
-                   int64_t kh, int64_t kw, int64_t has_rel, Spans rpos, Spans rmem, Spans rrel,
-                   Spans cpos, Spans cmem, Spans crel, Call* call) {
-  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, rpos, rmem, rrel, cpos,
-                             cmem, crel, &call->P);
+                   int64_t kh, int64_t kw, int64_t has_rel, int64_t has_key, int64_t workers,
+                   Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem, Spans crel,
+                   Call* call) {
+  if (auto err = MakeProblem(q, v, rel_row, rel_col, kh, kw, has_rel, has_key, rpos, rmem, rrel,
+                             cpos, cmem, crel, &call->P);
       err.failure()) {
     return err;
   }
-  const size_t need = backward ? BackwardScratch(call->P) : ForwardScratch(call->P);
+  call->plan = PlanWork(call->P, backward, workers);
   const auto wd = workspace->dimensions();
-  call->slots = wd[0];
-  call->stride = static_cast<size_t>(wd[1]) / kLanes;
-  if (call->slots < 1 || call->stride < need + 1) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "workspace too small");
+  if (wd[0] != call->plan.slots ||
+      wd[1] != static_cast<int64_t>(call->plan.slot_vectors) * kLanes) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "the workspace does not have the shape SasaWorkspace gives");
   }
   const uintptr_t start = reinterpret_cast<uintptr_t>(workspace->typed_data());
   call->base = reinterpret_cast<Vec*>((start + sizeof(Vec) - 1) / sizeof(Vec) * sizeof(Vec));
@@ -742,28 +807,28 @@ struct BackwardFn {
 
 ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf rel_col, Out out,
                    Out m_out, Out l_out, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
-                   int64_t row_blocks, Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem,
-                   Spans crel) {
+                   int64_t has_key, int64_t workers, Spans rpos, Spans rmem, Spans rrel,
+                   Spans cpos, Spans cmem, Spans crel) {
   Call call;
   if (auto err = Prepare(q, v, rel_row, rel_col, workspace, /*backward=*/false, kh, kw, has_rel,
-                         rpos, rmem, rrel, cpos, cmem, crel, &call);
+                         has_key, workers, rpos, rmem, rrel, cpos, cmem, crel, &call);
       err.failure()) {
     return err;
   }
   const Dims& D = call.P.D;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(row_blocks, D.H));
-  const int64_t per_item = GroupsPerItem(D);
-  const int64_t items = blocks > 1 ? D.groups * blocks : (D.groups + per_item - 1) / per_item;
-  RunParallel(pool, items, call.slots, [&](int64_t item, int64_t worker) {
+  const WorkPlan& w = call.plan;
+  const size_t stride = w.slot_vectors;
+  RunParallel(pool, w.items, w.slots, [&](int64_t item, int64_t worker) {
+    const int64_t blocks = w.row_blocks;
     const int64_t block = blocks > 1 ? item % blocks : 0;
-    const int64_t first_group = blocks > 1 ? item / blocks : item * per_item;
+    const int64_t first_group = blocks > 1 ? item / blocks : item * w.per_item;
     const int64_t end_group =
-        blocks > 1 ? first_group + 1 : std::min(D.groups, first_group + per_item);
+        blocks > 1 ? first_group + 1 : std::min(D.groups, first_group + w.per_item);
     const int64_t first = D.H * block / blocks, end = D.H * (block + 1) / blocks;
     for (int64_t group = first_group; group < end_group; ++group) {
       Dispatch<ForwardFn>(D.d, D.e, call.P, q.typed_data(), k.typed_data(), v.typed_data(),
                           out->typed_data(), m_out->typed_data(), l_out->typed_data(), group,
-                          first, end, call.base + call.stride * worker);
+                          first, end, call.base + stride * worker);
     }
   });
   return ffi::Error::Success();
@@ -772,24 +837,25 @@ ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf r
 ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_in, Buf l_in,
                     Buf delta, Buf rel_row, Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row,
                     Out d_rel_col, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
-                    Spans rpos, Spans rmem, Spans rrel, Spans cpos, Spans cmem, Spans crel) {
+                    int64_t has_key, int64_t workers, Spans rpos, Spans rmem, Spans rrel,
+                    Spans cpos, Spans cmem, Spans crel) {
   Call call;
   if (auto err = Prepare(q, v, rel_row, rel_col, workspace, /*backward=*/true, kh, kw, has_rel,
-                         rpos, rmem, rrel, cpos, cmem, crel, &call);
+                         has_key, workers, rpos, rmem, rrel, cpos, cmem, crel, &call);
       err.failure()) {
     return err;
   }
   const Dims& D = call.P.D;
-  const int64_t per_item = GroupsPerItem(D);
-  const int64_t items = (D.groups + per_item - 1) / per_item;
-  RunParallel(pool, items, call.slots, [&](int64_t item, int64_t worker) {
-    for (int64_t group = item * per_item; group < std::min(D.groups, (item + 1) * per_item);
-         ++group) {
+  const WorkPlan& w = call.plan;
+  const size_t stride = w.slot_vectors;
+  RunParallel(pool, w.items, w.slots, [&](int64_t item, int64_t worker) {
+    const int64_t end = std::min(D.groups, (item + 1) * w.per_item);
+    for (int64_t group = item * w.per_item; group < end; ++group) {
       Dispatch<BackwardFn>(D.d, D.e, call.P, q.typed_data(), k.typed_data(), v.typed_data(),
                            d_out.typed_data(), m_in.typed_data(), l_in.typed_data(),
                            delta.typed_data(), dq->typed_data(), dk->typed_data(),
                            dv->typed_data(), d_rel_row->typed_data(), d_rel_col->typed_data(),
-                           group, call.base + call.stride * worker);
+                           group, call.base + stride * worker);
     }
   });
   return ffi::Error::Success();
@@ -802,7 +868,9 @@ ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_
 #define SASA_WINDOW_ATTRS                                                            \
   .Attr<int64_t>("kh")                                                               \
       .Attr<int64_t>("kw")                                                           \
-      .Attr<int64_t>("has_rel")
+      .Attr<int64_t>("has_rel")                                                      \
+      .Attr<int64_t>("has_key")                                                      \
+      .Attr<int64_t>("workers")
 
 #define SASA_TABLE_ATTRS                                                             \
   .Attr<Spans>("row_pos")                                                            \
@@ -824,8 +892,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionForward, Forward,
                                   .Ret<Buf>()  // m
                                   .Ret<Buf>()  // l
                                   .Ret<Buf>()  // workspace
-                                      SASA_WINDOW_ATTRS.Attr<int64_t>("row_blocks")
-                                          SASA_TABLE_ATTRS);
+                                      SASA_WINDOW_ATTRS SASA_TABLE_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -846,3 +913,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionBackward, Backward,
                                   .Ret<Buf>()  // d_rel_col, per item
                                   .Ret<Buf>()  // workspace
                                       SASA_WINDOW_ATTRS SASA_TABLE_ATTRS);
+
+// The workspace a call needs, for native.py: `shape` is {B, H, W, n, d, e, kh, kw, has_rel,
+// has_key, rel_rows, rel_cols, workers}, the tables are those the handlers take as attributes.
+// Writes {slots, floats per slot}; returns 0, or 1 (and writes nothing) for a bad geometry.
+extern "C" int SasaWorkspace(int64_t backward, const int64_t* shape, const int64_t* rpos,
+                             const int64_t* rmem, const int64_t* rrel, const int64_t* cpos,
+                             const int64_t* cmem, const int64_t* crel, int64_t* result) {
+  const Shape S{shape[0], shape[1], shape[2], shape[3], shape[4],  shape[5],
+                shape[6], shape[7], shape[8], shape[9], shape[10], shape[11]};
+  const size_t rows = static_cast<size_t>(S.H * S.kh), cols = static_cast<size_t>(S.W * S.kw);
+  Problem P;
+  if (!MakeGeometry(S, Spans(rpos, rows), Spans(rmem, rows), Spans(rrel, rows),
+                    Spans(cpos, cols), Spans(cmem, cols), Spans(crel, cols), &P)
+           .empty()) {
+    return 1;
+  }
+  const WorkPlan w = PlanWork(P, backward != 0, shape[12]);
+  result[0] = w.slots;
+  result[1] = static_cast<int64_t>(w.slot_vectors) * kLanes;
+  return 0;
+}

@@ -58,19 +58,22 @@ def relative_logits(
 
 
 def _one_head(q, k, v, rel_row, rel_col, *, rows: AxisWindow, cols: AxisWindow):
-    """``q, k: [b, h, w, d]``, ``v: [b, h, w, dv]`` -> ``([b, h, w, dv], [b, h, w, kh*kw])``."""
+    """``q, k: [b, h, w, d]`` (``k`` may be None), ``v: [b, h, w, dv]`` ->
+    ``([b, h, w, dv], [b, h, w, kh*kw])``."""
     dtype = softmax_dtype(q.dtype)
-    k_win = windows_along(windows_along(k, 1, rows), 3, cols)  # [b, h, kh, w, kw, d]
-    v_win = windows_along(windows_along(v, 1, rows), 3, cols)
-    logits = jnp.einsum("bhwd,bhtwud->bhwtu", q, k_win, preferred_element_type=dtype)
+    v_win = windows_along(windows_along(v, 1, rows), 3, cols)  # [b, h, kh, w, kw, dv]
+    if k is None:
+        logits = jnp.zeros((*q.shape[:3], rows.window, cols.window), dtype)
+    else:
+        k_win = windows_along(windows_along(k, 1, rows), 3, cols)  # [b, h, kh, w, kw, d]
+        logits = jnp.einsum("bhwd,bhtwud->bhwtu", q, k_win, preferred_element_type=dtype)
     if rel_row is not None:
         half = q.shape[-1] // 2
         logits = logits + relative_logits(q[..., :half], rel_row, rows, 1, dtype)[..., :, None]
         logits = logits + relative_logits(q[..., half:], rel_col, cols, 2, dtype)[..., None, :]
-    if rows.border == "mask":
-        valid = rows.valid[:, None, :, None] & cols.valid[None, :, None, :]
-        if not valid.all():
-            logits = jnp.where(jnp.asarray(valid), logits, -jnp.inf)
+    member = rows.member[:, None, :, None] & cols.member[None, :, None, :]
+    if not member.all():
+        logits = jnp.where(jnp.asarray(member), logits, -jnp.inf)
     b, h, w, kh, kw = logits.shape
     weights = jax.nn.softmax(logits.reshape(b, h, w, kh * kw), axis=-1)
     out = jnp.einsum(

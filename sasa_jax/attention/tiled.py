@@ -8,232 +8,34 @@ HaloNet's blocking made exact for every border. The mask is a finite ``MASKED`` 
 
 - "dense": one tile covers the whole map. It does (H'·W')/(kh·kw) times the useful work, so
   it pays off on small maps (the 7×7 and 14×14 stages of a ResNet at 224²).
-- "tiled": ``TILE``×``TILE`` query tiles with a halo, (TILE+k-1)²/TILE² times the useful work
-  on large maps.
+- "tiled": square query tiles of ``tiles.TILE`` with a halo, (TILE+k-1)²/TILE² times the
+  useful work on large maps.
 
-The work runs in a loop. A step takes whole images, or some rows of tiles of one image, or some
-heads of one row of tiles, up to ``step_elements()`` logits, so on CPU a step's logits stay in
-cache; it gathers its query tiles and key halos from the unpadded arrays. The forward pass keeps
-only the output and the log-sum-exp. The backward pass (a ``custom_vjp``) loops over the same
-steps once, recomputing the logits flash-attention style: ``dq`` and the relative tables'
-gradients come from the query side, and ``dk`` and ``dv`` per key halo, added up where halos
-overlap as sums of shifted slices, so they are never scattered, and autodiff's halo
-transposes and saved logits are gone.
+The work runs in a loop over the steps of ``tiles.plan``: whole images, or some rows of tiles
+of one image, or some heads of one row of tiles, up to ``step_elements()`` logits, so on CPU a
+step's logits stay in cache; a step gathers its query tiles and key halos from the unpadded
+arrays. The forward pass keeps only the output and the log-sum-exp. The backward pass (the
+op's primitive's, ``dispatch``) loops over the same steps once, recomputing the logits
+flash-attention style: ``dq`` and the relative tables' gradients come from the query side,
+and ``dk`` and ``dv`` per key halo, added up where halos overlap as sums of shifted slices, so
+they are never scattered.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sasa_jax.attention import tiles
 from sasa_jax.attention.api import Implementation, register, softmax_dtype
-from sasa_jax.attention.chunks import batch_chunk
-from sasa_jax.attention.windows import AxisWindow, axis_window
+from sasa_jax.attention.dispatch import Kernel
+from sasa_jax.attention.tiles import MASKED, AxisTiles, Plan, plan, tap_keys
+from sasa_jax.attention.windows import BLOCKS, AxisWindow, tap_weights
 
 Array = jax.Array
-
-# The logit term of a key outside a query's window: finite, because the terms reach the
-# logits through a matmul (0 * -inf would be NaN), and so large that exp(logit - max) is 0.
-MASKED = -1e30
-
-# Query (and key) tile of "tiled" along each axis.
-TILE = 4
-
-# Largest logits tensor (elements) one loop step may make on CPU: 1 MiB in float32, half a
-# core's L2 cache here (the backward pass keeps about four such tensors alive). A step holds
-# whole images, or rows of tiles of one image, or some heads of one row of tiles. 2**19 was
-# as fast at every ResNet stage shape and at 14x14 took 3.1x the conv's temp memory, not 2.6x.
-CHUNK_ELEMENTS = 2**18
-
-# The same on GPU and TPU, where each step costs kernel launches rather than cache misses.
-# Not measured with this code: the H100 numbers in the README are for the previous version,
-# which ran one image per step.
-ACCELERATOR_CHUNK_ELEMENTS = 2**22
-
-
-def step_elements(backend: str | None = None) -> int:
-    """The logits budget of one loop step on ``backend`` (default: JAX's default backend)."""
-    backend = backend or jax.default_backend()
-    return CHUNK_ELEMENTS if backend == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AxisTiles:
-    """Tiles of queries along one axis and, for each, the halo of keys their windows reach.
-
-    Attributes:
-      tile: positions per tile; ``tiles * tile >= size`` (the last tile may overhang).
-      tiles: number of tiles.
-      halo: keys per tile.
-      pad_before, pad_after: how far the halos reach before the first and past the last
-        position: the keys' axis as if zero-padded so that every halo is a slice.
-      rel: ``[tiles, tile, halo]`` int, the relative-table row of the pair (tile position
-        ``a`` of tile ``i``, halo position ``m``), or -1 when they are not a pair.
-    """
-
-    tile: int
-    tiles: int
-    halo: int
-    pad_before: int
-    pad_after: int
-    rel: np.ndarray
-
-
-def _tile_pairs(
-    queries: np.ndarray,
-    keys: np.ndarray,
-    rel: np.ndarray,
-    size: int,
-    tile: int,
-) -> AxisTiles:
-    """Tiles over the query positions (``[0, size)``) of a list of (query, key, relative row)
-    pairs; keys outside ``[0, size)`` are zero padding."""
-    tile = min(tile, size)
-    tiles = math.ceil(size / tile)
-    offset = keys - (queries // tile) * tile  # the key relative to its query tile's start
-    lo = int(min(0, offset.min()))
-    hi = int(max(tile - 1, offset.max()))
-    halo = hi - lo + 1
-    table = np.full((tiles, tile, halo), -1, dtype=np.int32)
-    table[queries // tile, queries % tile, offset - lo] = rel
-    pad_after = max(0, (tiles - 1) * tile + hi - (size - 1))
-    return AxisTiles(tile, tiles, halo, -lo, pad_after, table)
-
-
-def _member_taps(win: AxisWindow) -> np.ndarray:
-    """``[size, window]`` bool: the tap takes part in the softmax (every tap under "zeros",
-    whose outside taps are zero keys; only those inside the image otherwise)."""
-    return np.ones_like(win.valid) if win.border == "zeros" else win.valid
-
-
-def query_tiles(win: AxisWindow, tile: int) -> AxisTiles:
-    """Tiles of queries, each with the halo of keys its windows reach."""
-    member = _member_taps(win)
-    queries = np.broadcast_to(np.arange(win.size)[:, None], member.shape)
-    args = (queries[member], win.position[member], win.rel_index[member], win.size)
-    tiles = _tile_pairs(*args, tile)
-    # Query positions past the image see their own (zero) key, to keep the softmax finite.
-    for position in range(win.size, tiles.tiles * tiles.tile):
-        a = position % tiles.tile
-        tiles.rel[position // tiles.tile, a, a + tiles.pad_before] = 0
-    return tiles
-
-
-def tap_keys(win: AxisWindow, tiles: AxisTiles) -> np.ndarray:
-    """``[size, window]`` int: the halo index of tap ``t`` of query ``y`` (clipped)."""
-    start = (np.arange(win.size) // tiles.tile) * tiles.tile
-    offset = win.position - start[:, None] + tiles.pad_before
-    return np.clip(offset, 0, tiles.halo - 1).astype(np.int32)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Plan:
-    """Everything static about one geometry, tile size and batch (cached; hashed by identity).
-
-    A loop step covers ``images`` images times ``rows`` tile rows times ``heads`` heads;
-    ``steps`` of them cover the batch; ``rows`` divides the image's rows of tiles.
-    Steps are numbered image-major, then by tile row, then by head.
-    """
-
-    rows: AxisWindow
-    cols: AxisWindow
-    q_rows: AxisTiles
-    q_cols: AxisTiles
-    images: int
-    tile_rows: int
-    heads: int
-    head_steps: int
-    steps: int
-    pattern: np.ndarray
-    row_index: np.ndarray
-    col_index: np.ndarray
-
-    @property
-    def row_steps(self) -> int:
-        return self.q_rows.tiles // self.tile_rows
-
-    def origin(self, step: Array) -> tuple[Array, Array, Array]:
-        """``(first image, tile row, first head)`` of loop step ``step``."""
-        head = step % self.head_steps
-        row = step // self.head_steps % self.row_steps
-        image = step // (self.head_steps * self.row_steps)
-        return image * self.images, row, head * self.heads
-
-
-def _step_size(
-    tile_rows: int, per_row: int, batch: int, heads: int, budget: int
-) -> tuple[int, int, int]:
-    """``(images, rows, heads)`` per step: whole images when one image fits in ``budget``
-    logits; else the most rows of tiles that fit and divide the image's rows of tiles (a
-    padded row of tiles costs a row's compute and its halo's memory; one more small step
-    costs about as much, measured at 28x28); else some of the heads of one row of tiles."""
-    if per_row > budget:
-        divisors = (d for d in range(1, heads + 1) if heads % d == 0)
-        return 1, 1, max((d for d in divisors if per_row * d <= budget * heads), default=1)
-    most = min(tile_rows, budget // per_row)
-    rows = max(d for d in range(1, most + 1) if tile_rows % d == 0)
-    if rows < tile_rows:
-        return 1, rows, heads
-    return batch_chunk(batch, tile_rows * per_row, budget), rows, heads
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(rows_key: tuple, cols_key: tuple, tile, batch: int, heads: int, budget: int) -> Plan:
-    rows, cols = axis_window(*rows_key), axis_window(*cols_key)
-    tr, tc = tile or rows.size, tile or cols.size
-    q_rows, q_cols = query_tiles(rows, tr), query_tiles(cols, tc)
-    per_row = q_cols.tiles * heads * q_rows.tile * q_cols.tile * q_rows.halo * q_cols.halo
-    images, tile_rows, step_heads = _step_size(q_rows.tiles, per_row, batch, heads, budget)
-    return Plan(
-        rows,
-        cols,
-        q_rows,
-        q_cols,
-        images,
-        tile_rows,
-        step_heads,
-        heads // step_heads,
-        batch // images * (q_rows.tiles // tile_rows) * (heads // step_heads),
-        *_step_tables(q_rows, q_cols, tile_rows, (rows.rel_length, cols.rel_length)),
-    )
-
-
-def _step_tables(rt: AxisTiles, ct: AxisTiles, tile_rows: int, lengths: tuple[int, int]):
-    """The tables of one image's part of a step, over its tiles ``J1 = rows*Tc`` and queries
-    ``n = (a, b)``, for each distinct row step (a border row differs; the inner ones repeat).
-    A halo key is in a query's window when its row and its column are (the mask is
-    separable), so each axis has its own table: the relative-table row of each halo row (or
-    column), or the table's length ``L`` (one past its end) where it is outside the window.
-
-    - pattern ``[row_steps]`` int32: which distinct row table each row step uses;
-    - row_index ``[patterns, J1, 1, n, halo_r]`` int32;
-    - col_index ``[J1, 1, n, halo_c]`` int32."""
-    row_steps = rt.tiles // tile_rows
-    distinct, first, pattern = np.unique(
-        rt.rel.reshape(row_steps, -1), axis=0, return_index=True, return_inverse=True
-    )
-    # [patterns, rows, Tc, tr, tc, halo_r] and [rows, Tc, tr, tc, halo_c]: the table rows.
-    rows = rt.rel.reshape(row_steps, tile_rows, 1, rt.tile, 1, rt.halo)[first]
-    rows = np.broadcast_to(rows, (len(distinct), tile_rows, ct.tiles, rt.tile, ct.tile, rt.halo))
-    cols = np.broadcast_to(ct.rel[:, None], (tile_rows, ct.tiles, rt.tile, ct.tile, ct.halo))
-    shape = (tile_rows * ct.tiles, 1, rt.tile * ct.tile)
-    rows = rows.reshape(len(distinct), *shape, rt.halo)
-    cols = cols.reshape(*shape, ct.halo)
-    return (
-        pattern.reshape(-1).astype(np.int32),
-        np.where(rows >= 0, rows, lengths[0]).astype(np.int32),
-        np.where(cols >= 0, cols, lengths[1]).astype(np.int32),
-    )
-
-
-def plan(rows: AxisWindow, cols: AxisWindow, tile: int | None, batch: int, heads: int) -> Plan:
-    """The tiles and loop steps of a geometry (cached); ``tile=None``: one tile per axis."""
-    return _plan(rows.spec, cols.spec, tile, batch, heads, step_elements())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,22 +147,33 @@ def _indicators(rt: AxisTiles, ct: AxisTiles) -> np.ndarray:
     return np.concatenate([np.eye(rt.halo)[:, rows], np.eye(ct.halo)[:, cols]], axis=0)
 
 
-def _logits(dots: Array, by_row: Array, by_col: Array, rt: AxisTiles, ct: AxisTiles) -> Array:
-    """``[J, h, n, halo]`` logits from the q·k products and the row and column terms. The
+def _logits(
+    dots: Array | None, by_row: Array, by_col: Array, rt: AxisTiles, ct: AxisTiles
+) -> Array:
+    """``[J, h, n, halo]`` logits from the q·k products (None: no keys) and the row and
+    column terms. The
     terms are spread over the keys by a plain 2-D matmul with ``_indicators`` and added in
     one contiguous pass: XLA's CPU loop fusions run the equivalent broadcast-adds, whose
     indices wrap every ``halo_c`` elements, several times slower (measured in the README)."""
     terms = jnp.concatenate([by_row, by_col], axis=-1)
-    ones = jnp.asarray(_indicators(rt, ct), dots.dtype)
+    ones = jnp.asarray(_indicators(rt, ct), by_row.dtype)
     spread = jnp.dot(terms.reshape(-1, terms.shape[-1]), ones)
-    return dots + spread.reshape(*terms.shape[:-1], ones.shape[-1])
+    spread = spread.reshape(*terms.shape[:-1], ones.shape[-1])
+    return spread if dots is None else dots + spread
 
 
 def _query_logits(q_t, k_halo, rel, tables, p: Plan, dtype):
     """``[J, h, tr*tc, halo]`` logits of a step's query tiles, ``MASKED`` (or twice that)
-    outside the windows."""
-    dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
+    outside the windows. ``k_halo`` None: the relative terms alone."""
+    dots = _dots(q_t, k_halo, dtype)
     return _logits(dots, *_row_col_terms(q_t, rel, tables, p, dtype), p.q_rows, p.q_cols)
+
+
+def _dots(q_t: Array, k_halo: Array | None, dtype) -> Array | None:
+    """``[J, h, n, halo]`` q·k products, or None without keys."""
+    if k_halo is None:
+        return None
+    return jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
 
 
 def _loop(body, steps: int):
@@ -382,7 +195,7 @@ def _forward(q, k, v, rel, p: Plan, with_weights: bool):
 
     def body(step):
         q_t = _step_tiles(q, step, p, rt, ct)
-        k_halo = _step_halos(k, step, p, rt, ct)
+        k_halo = None if k is None else _step_halos(k, step, p, rt, ct)
         v_halo = _step_halos(v, step, p, rt, ct)
         tables = _tables_of(step, p)
         logits = _query_logits(q_t, k_halo, rel, tables, p, dtype)
@@ -445,15 +258,16 @@ def _row_col_sums(x: Array, rt: AxisTiles, ct: AxisTiles) -> tuple[Array, Array]
 
 def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
     """``(dq, dk, dv, d_rel)`` in one loop over the forward's steps, recomputing the logits.
-    ``dk`` and ``dv`` come per key halo and are added up where the halos overlap."""
+    ``dk`` and ``dv`` come per key halo and are added up where the halos overlap; ``dk`` is
+    None without keys."""
     rt, ct = p.q_rows, p.q_cols
     dtype = softmax_dtype(q.dtype)
     lse, delta = lse[:, : q.shape[1], : q.shape[2], :, None], delta[..., None]
-    height, width = k.shape[1] + rt.pad_before + rt.pad_after, k.shape[2]
-    acc = jnp.promote_types(k.dtype, dtype)
-    grads = (
-        jnp.zeros((q.shape[0], height, width, q.shape[3], k.shape[-1]), acc),
-        jnp.zeros((q.shape[0], height, width, q.shape[3], v.shape[-1]), acc),
+    height, width = v.shape[1] + rt.pad_before + rt.pad_after, v.shape[2]
+    acc = jnp.promote_types(v.dtype, dtype)
+    carried = [x for x in (k, v) if x is not None]
+    grads = tuple(
+        jnp.zeros((q.shape[0], height, width, q.shape[3], x.shape[-1]), acc) for x in carried
     )
 
     def body(grads, step):
@@ -461,19 +275,20 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
         d_t = _step_tiles(d_out, step, p, rt, ct).astype(dtype)
         lse_t = _step_tiles(lse, step, p, rt, ct)
         delta_t = _step_tiles(delta, step, p, rt, ct)
-        k_halo = _step_halos(k, step, p, rt, ct)
+        k_halo = None if k is None else _step_halos(k, step, p, rt, ct)
         v_halo = _step_halos(v, step, p, rt, ct)
         tables = _tables_of(step, p)
-        dots = jnp.einsum("jhnd,jhmd->jhnm", q_t, k_halo, preferred_element_type=dtype)
         d_rel = ()
         (by_row, by_col), rel_vjp = jax.vjp(
             lambda q_t, rel: _row_col_terms(q_t, rel, tables, p, dtype), q_t, rel
         )
-        logits = _logits(dots, by_row, by_col, rt, ct)
+        logits = _logits(_dots(q_t, k_halo, dtype), by_row, by_col, rt, ct)
         probs = jnp.exp(logits - lse_t)
         d_probs = jnp.einsum("jhnd,jhmd->jhnm", d_t, v_halo, preferred_element_type=dtype)
         d_logits = probs * (d_probs - delta_t)
-        d_q = jnp.einsum("jhnm,jhmd->jhnd", d_logits, k_halo.astype(dtype))
+        d_q = jnp.zeros(q_t.shape, dtype)
+        if k_halo is not None:
+            d_q = jnp.einsum("jhnm,jhmd->jhnd", d_logits, k_halo.astype(dtype))
         if rel:
             d_q_rel, d_rel = rel_vjp(_row_col_sums(d_logits, rt, ct))
             d_q = d_q + d_q_rel
@@ -481,84 +296,74 @@ def _backward_pass(q, k, v, rel, d_out, lse, delta, p: Plan):
         q_major, d_major = jax.lax.optimization_barrier(
             (jnp.swapaxes(q_t, 2, 3).astype(dtype), jnp.swapaxes(d_t, 2, 3))
         )
-        d_k = jnp.einsum("jhen,jhnm->jhem", q_major, d_logits)
-        d_v = jnp.einsum("jhen,jhnm->jhem", d_major, probs)
+        parts = [jnp.einsum("jhen,jhnm->jhem", d_major, probs)]  # d_v
+        if k is not None:
+            parts.insert(0, jnp.einsum("jhen,jhnm->jhem", q_major, d_logits))  # d_k
         index = _slab_start(step, p, rt)
         new = []
-        for total, part in zip(grads, (d_k, d_v), strict=True):
+        for total, part in zip(grads, parts, strict=True):
             slab = _fold_step(part.astype(acc), p, rt, ct)
             old = jax.lax.dynamic_slice(total, index, slab.shape)
             new.append(jax.lax.dynamic_update_slice(total, old + slab, index))
         return tuple(new), (_untile_step(d_q, p, rt, ct), d_rel)
 
-    (d_k, d_v), (d_q, d_rel) = jax.lax.scan(body, grads, jnp.arange(p.steps, dtype=jnp.int32))
+    summed, (d_q, d_rel) = jax.lax.scan(body, grads, jnp.arange(p.steps, dtype=jnp.int32))
     d_q = _unstep(d_q, p)[:, : q.shape[1], : q.shape[2]]
-    rows = slice(rt.pad_before, rt.pad_before + k.shape[1])
-    return d_q, d_k[:, rows], d_v[:, rows], jax.tree.map(lambda g: g.sum(0), d_rel)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, rel, p: Plan):
-    return _forward(q, k, v, rel, p, with_weights=False)[0]
-
-
-def _attend_fwd(q, k, v, rel, p: Plan):
-    out, lse, _ = _forward(q, k, v, rel, p, with_weights=False)
-    return out, (q, k, v, rel, out, lse)
-
-
-def _attend_bwd(p: Plan, residuals, d_out):
-    q, k, v, rel, out, lse = residuals
-    dtype = softmax_dtype(q.dtype)
-    delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1)  # [b, H, W, h]
-    d_q, d_k, d_v, d_rel = _backward_pass(q, k, v, rel, d_out, lse, delta, p)
-    d_rel = jax.tree.map(lambda g, t: g.astype(t.dtype), d_rel, rel)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_rel
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
+    rows = slice(rt.pad_before, rt.pad_before + v.shape[1])
+    summed = [g[:, rows] for g in summed]
+    d_k = summed.pop(0) if k is not None else None
+    return d_q, d_k, summed[0], jax.tree.map(lambda g: g.sum(0), d_rel)
 
 
 def _tap_weights(weights: Array, p: Plan) -> Array:
     """Halo weights ``[b, H', W', h, halo]`` -> ``[b, H, W, h, kh*kw]`` (0 if masked)."""
-    rows, cols = p.rows, p.cols
-    grid = weights[:, : rows.size, : cols.size]
-    tap_r, tap_c = tap_keys(rows, p.q_rows), tap_keys(cols, p.q_cols)
-    flat = tap_r[:, None, :, None] * p.q_cols.halo + tap_c[None, :, None, :]
-    flat = flat.reshape(rows.size, cols.size, 1, -1)
-    picked = jnp.take_along_axis(grid, jnp.asarray(flat)[None], axis=-1)
-    valid = _member_taps(rows)[:, None, :, None] & _member_taps(cols)[None, :, None, :]
-    return jnp.where(jnp.asarray(valid.reshape(rows.size, cols.size, 1, -1)), picked, 0)
+    tap_r, tap_c = tap_keys(p.rows, p.q_rows), tap_keys(p.cols, p.q_cols)
+    return tap_weights(weights, tap_r, tap_c, p.q_cols.halo, p.rows, p.cols)
 
 
-def _run(q, k, v, rel_row, rel_col, rows, cols, return_weights, tile: int | None):
-    p = plan(rows, cols, tile, batch=q.shape[0], heads=q.shape[3])
-    rel = () if rel_row is None else (rel_row, rel_col)
-    if not return_weights:
-        return _attend(q, k, v, rel, p)
-    out, _, weights = _forward(q, k, v, rel, p, with_weights=True)
-    return out, _tap_weights(weights, p)
+def _tile(rows: AxisWindow, tiled: bool) -> int | None:
+    """The query tile: ``tiles.TILE`` (a multiple of the block for block attention) for
+    "tiled", the whole map (None) for "dense"."""
+    if not tiled:
+        return None
+    if rows.border == BLOCKS:
+        return rows.window * max(1, tiles.TILE // rows.window)
+    return tiles.TILE
 
 
-def dense_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
-    """``local_attention`` as masked dense attention (one tile); arguments are checked."""
-    return _run(q, k, v, rel_row, rel_col, rows, cols, return_weights, tile=None)
+def _kernel(tiled: bool) -> Kernel:
+    """The primitive's passes: the output and log-sum-exp, and the gradients from them."""
+
+    def forward(q, k, v, rel_row, rel_col, rows, cols, platform):
+        p = plan(rows, cols, _tile(rows, tiled), batch=q.shape[0], heads=q.shape[3])
+        rel = () if rel_row is None else (rel_row, rel_col)
+        out, lse, _ = _forward(q, k, v, rel, p, with_weights=False)
+        return out, lse[:, : q.shape[1], : q.shape[2]].astype(jnp.float32)
+
+    def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, platform):
+        p = plan(rows, cols, _tile(rows, tiled), batch=q.shape[0], heads=q.shape[3])
+        rel = () if rel_row is None else (rel_row, rel_col)
+        dtype = softmax_dtype(q.dtype)
+        delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1)  # [b, H, W, h]
+        d_q, d_k, d_v, d_rel = _backward_pass(q, k, v, rel, d_out, lse.astype(dtype), delta, p)
+        d_row, d_col = d_rel if rel else (None, None)
+        return d_q, d_k, d_v, d_row, d_col
+
+    return Kernel(forward, backward)
 
 
-def tiled_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
-    """``local_attention`` over ``TILE``-square query tiles with key halos."""
-    return _run(q, k, v, rel_row, rel_col, rows, cols, return_weights, tile=TILE)
+def _with_weights(tiled: bool):
+    """``local_attention`` with the weights: the forward pass keeps the halo weights (its
+    gradient is autodiff's through the loop)."""
+
+    def fn(q, k, v, rel_row, rel_col, rows, cols, return_weights):
+        p = plan(rows, cols, _tile(rows, tiled), batch=q.shape[0], heads=q.shape[3])
+        rel = () if rel_row is None else (rel_row, rel_col)
+        out, _, weights = _forward(q, k, v, rel, p, with_weights=True)
+        return (out, _tap_weights(weights, p)) if return_weights else out
+
+    return fn
 
 
-register(Implementation("dense", dense_attention))
-register(Implementation("tiled", tiled_attention))
-
-__all__ = [
-    "CHUNK_ELEMENTS",
-    "TILE",
-    "dense_attention",
-    "plan",
-    "query_tiles",
-    "step_elements",
-    "tiled_attention",
-]
+register(Implementation("dense", _with_weights(False), _kernel(False)))
+register(Implementation("tiled", _with_weights(True), _kernel(True)))

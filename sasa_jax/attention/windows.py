@@ -1,14 +1,17 @@
 """Static geometry of the local-attention window along one spatial axis.
 
-Everything here is plain NumPy computed from static shapes, so implementations can build
-their index tables and masks at trace time. A 2-D window is the product of a row window and a
-column window.
+The geometry is plain NumPy computed from static shapes, so implementations can build their
+index tables and masks at trace time. A 2-D window is the product of a row window and a column
+window: a tap is in a query's softmax when its row tap and its column tap are
+(``AxisWindow.member``), and ``tap_weights`` maps an implementation's weights to the op's
+per-tap layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 BORDERS = ("mask", "zeros", "clamp")
@@ -61,6 +64,13 @@ class AxisWindow:
         """True when every query's window is the same shift of the query (no clamping)."""
         return self.border not in ("clamp", BLOCKS)
 
+    @property
+    def member(self) -> np.ndarray:
+        """``[size, window]`` bool: the tap takes part in the softmax. Every tap under
+        "zeros" (a tap outside the image is a zero key and value); otherwise the taps inside
+        the image. Every implementation masks by this table."""
+        return np.ones_like(self.valid) if self.border == "zeros" else self.valid
+
 
 def rel_length(window: int, border: str) -> int:
     """Length of the relative-position table along an axis of window extent ``window``."""
@@ -107,3 +117,26 @@ def axis_window(size: int, window: int, dilation: int, border: str) -> AxisWindo
         rel_index=np.ascontiguousarray(rel_index, dtype=np.int32),
         rel_length=rel_length(window, border),
     )
+
+
+def tap_weights(
+    weights,
+    row_slot: np.ndarray,
+    col_slot: np.ndarray,
+    slots_per_row: int,
+    rows: AxisWindow,
+    cols: AxisWindow,
+):
+    """Per-tap weights ``[b, H, W, h, kh*kw]`` (row-major taps, 0 for non-members) from an
+    implementation's own weights layout ``[b, H', W', h, S]`` (``H' >= H``, ``W' >= W``).
+
+    Tap ``(t, u)`` of query ``(i, j)`` is slot ``row_slot[i, t] * slots_per_row +
+    col_slot[j, u]`` of ``weights[:, i, j]``; ``row_slot`` is ``[H, kh]``, ``col_slot``
+    ``[W, kw]``. Non-member taps (``AxisWindow.member``) are 0.
+    """
+    grid = weights[:, : rows.size, : cols.size]
+    flat = row_slot[:, None, :, None] * slots_per_row + col_slot[None, :, None, :]
+    flat = flat.reshape(rows.size, cols.size, 1, -1)
+    picked = jnp.take_along_axis(grid, jnp.asarray(flat)[None], axis=-1)
+    member = rows.member[:, None, :, None] & cols.member[None, :, None, :]
+    return jnp.where(jnp.asarray(member.reshape(rows.size, cols.size, 1, -1)), picked, 0)

@@ -1,0 +1,154 @@
+"""Building the "native" CPU kernel: compiler, flags, cache, and loading it into XLA.
+
+The kernel's source (``cpu_kernel.cc``) ships with the package. It is compiled the first time
+the op runs on CPU -- not when a layer is built, a model summarised or the implementations
+listed -- with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``)
+against the FFI headers of the installed jaxlib, into a cache directory (``$SASA_JAX_CACHE``,
+else ``~/.cache/sasa_jax``), keyed by the source, the compiler, its flags and the jaxlib
+version. Later processes load it from there. ``$SASA_JAX_CXXFLAGS`` adds flags after the
+defaults (``-O0`` gives a quick unoptimised build, as the tests of the cache use). Without a
+compiler, or with ``SASA_JAX_NATIVE=0``, the kernel is not offered and ``auto`` picks a
+pure-JAX implementation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import jax
+
+SOURCE = "cpu_kernel.cc"
+FORWARD_TARGET = "sasa_local_attention_forward"
+BACKWARD_TARGET = "sasa_local_attention_backward"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("SASA_JAX_CACHE"):
+        return Path(os.environ["SASA_JAX_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sasa_jax"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _x86_flags() -> list[str]:
+    """AVX2 and FMA where this CPU has them (the kernel's vectors are 8 floats either way)."""
+    flags = ""
+    try:
+        if platform.system() == "Linux":
+            flags = Path("/proc/cpuinfo").read_text()
+        elif platform.system() == "Darwin":
+            flags = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.lower()
+    except OSError:
+        return []
+    words = set(flags.replace("\n", " ").split())
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= words else []
+
+
+def compile_command(compiler: str, source: Path, output: Path) -> list[str]:
+    """The command that builds the kernel's shared library."""
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += _x86_flags()
+    flags += os.environ.get("SASA_JAX_CXXFLAGS", "").split()
+    include = jax.ffi.include_dir()
+    return [compiler, *flags, f"-I{include}", str(source), "-o", str(output)]
+
+
+def _library_path(compiler: str, source: bytes) -> Path:
+    """Where the library for this source, compiler, flags and jaxlib lives in the cache."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    probe = compile_command(compiler, Path("src"), Path("out"))
+    key = hashlib.sha256()
+    for part in (source, version.encode(), " ".join(probe).encode(), jax.__version__.encode()):
+        key.update(part)
+        key.update(b"\0")
+    return _cache_dir() / f"sasa_cpu_kernel_{key.hexdigest()[:20]}.so"
+
+
+def _build(compiler: str, source: bytes, path: Path) -> None:
+    """Compiles into a temporary file and moves it into place (safe for parallel builds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        src = Path(tmp) / SOURCE
+        src.write_bytes(source)
+        out = Path(tmp) / path.name
+        result = subprocess.run(
+            compile_command(compiler, src, out), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-2000:] or "the compiler failed")
+        os.replace(out, path)
+
+
+def switched_off() -> bool:
+    """``SASA_JAX_NATIVE=0`` turns the kernel off."""
+    return os.environ.get("SASA_JAX_NATIVE", "1") == "0"
+
+
+@functools.cache
+def can_build() -> bool:
+    """Whether the kernel can be offered here without building it: not switched off, and a
+    C++ compiler is on the PATH (a warning says so once when there is none)."""
+    if switched_off():
+        return False
+    if _compiler() is None:
+        warnings.warn(
+            "sasa_jax: no C++ compiler found; the 'native' kernel is unavailable", stacklevel=2
+        )
+        return False
+    return True
+
+
+def attempted() -> bool:
+    """Whether ``library()`` has been called in this process (it caches its result)."""
+    return library.cache_info().currsize > 0
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel with its FFI targets registered: compiled on the first call (about
+    10 s) into the cache, loaded from it afterwards. None where it cannot be built here (a
+    warning says why) or ``SASA_JAX_NATIVE=0``."""
+    if not can_build():
+        return None
+    compiler = _compiler()
+    source = resources.files("sasa_jax.attention").joinpath(SOURCE).read_bytes()
+    try:
+        path = _library_path(compiler, source)
+        if not path.exists():
+            _build(compiler, source, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"sasa_jax: the 'native' kernel could not be built: {err}", stacklevel=2)
+        return None
+    jax.ffi.register_ffi_target(
+        FORWARD_TARGET, jax.ffi.pycapsule(lib.SasaLocalAttentionForward), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        BACKWARD_TARGET, jax.ffi.pycapsule(lib.SasaLocalAttentionBackward), platform="cpu"
+    )
+    lib.SasaWorkspace.restype = ctypes.c_int
+    return lib
