@@ -1,4 +1,6 @@
-"""Flax NNX layers: the SASA layer (a drop-in for a 3x3 conv) and the attention stem.
+"""Flax NNX layers: the SASA layer (a drop-in for a 3x3 conv) and the attention stem's
+attention with spatially-aware values. No normalisation, training or parallelism here: the
+stem's batch norm, ReLU and pooling are ``models.AttentionStem``.
 
 Initialisation (the paper does not say; these are our choices):
   * Q/K/V (and the stem's mixture of value matrices) are bias-free 1x1 projections with LeCun
@@ -25,7 +27,6 @@ from sasa_jax.attention import (
     local_attention,
     rel_length,
 )
-from sasa_jax.norm import BatchNorm
 
 Array = jax.Array
 
@@ -87,16 +88,6 @@ def _project(linear: nnx.Linear, x: Array) -> Array:
     """Applies a 1x1 projection as one 2-D matmul: XLA's CPU dot is several times faster on
     ``[pixels, features]`` than on the 4-D ``[b, h, w, features]`` (benchmarks/attention.py)."""
     return linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], linear.out_features)
-
-
-def _block_max(x: Array, block: int) -> Array:
-    """Max pool over non-overlapping ``block x block`` tiles of ``[b, H, W, c]`` (H and W
-    multiples of ``block``): the same numbers as ``nnx.max_pool`` with stride = window. As a
-    reshape and a max its gradient is one elementwise mask; ``max_pool``'s goes through a
-    variadic reduce-window over four index planes of the input's size, which took ~300 ms of a
-    full-attention ResNet-50 step at 224x224 on this repository's CPU (benchmarks/models.py)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // block, block, w // block, block, c).max(axis=(2, 4))
 
 
 def _split_heads(x: Array, num_heads: int) -> Array:
@@ -194,12 +185,11 @@ class SelfAttention2D(nnx.Module):
         q = _project(self.query, x)
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
         v = _project(self.value, x)
+        k = None  # logits "qr": the relative term alone, no q·k work
         if self.key is not None:
             k = _project(self.key, x)
             if self.positional == "absolute":
                 k = k + sinusoidal_2d(x.shape[1], x.shape[2], self.out_features, k.dtype)
-        else:
-            k = jnp.zeros_like(q)
         rel = {}
         if self.rel_row is not None:
             rel = {
@@ -210,7 +200,7 @@ class SelfAttention2D(nnx.Module):
         want_weights = return_weights or self.capture
         result = local_attention(
             q_heads,
-            _split_heads(k, self.num_heads),
+            None if k is None else _split_heads(k, self.num_heads),
             _split_heads(v, self.num_heads),
             window=self.window,
             dilation=self.dilation,
@@ -234,13 +224,14 @@ class SelfAttention2D(nnx.Module):
         return (out, weights) if return_weights else out
 
 
-class AttentionStem(nnx.Module):
-    """The attention stem (eq. 4-9): attention in each block x block tile, BN, ReLU, max pool.
+class StemAttention(nnx.Module):
+    """The attention stem's attention (eq. 4-9): attention in each block x block tile.
 
-    Maps ``[batch, H, W, in_features]`` to ``[batch, H/block, W/block, out_features]``
-    (224x224x3 -> 56x56x64). Queries attend to every pixel of their own non-overlapping
-    ``block x block`` tile with relative logits (offsets in ``[-(block-1), block-1]``), which
-    is ``local_attention`` with border "clamp" and window ``block`` on each tile.
+    Maps ``[batch, H, W, in_features]`` to ``[batch, H, W, out_features]``; queries attend to
+    every pixel of their own non-overlapping ``block x block`` tile with relative logits
+    (offsets in ``[-(block-1), block-1]``): ``block_attention``. ``models.AttentionStem``
+    follows it with batch norm, ReLU and a ``block x block`` max pool (224x224x3 ->
+    56x56x64).
 
     values:
       "spatially_aware" (default, eq. 8-9): ``v_ab = (sum_m p(a,b,m) W_V^m) x_ab`` with
@@ -248,8 +239,6 @@ class AttentionStem(nnx.Module):
         inside the tile; p is shared across heads.
       "stand_alone": plain eq. 3 values ``W_V x``.
       "spatial_conv_values": values from a block x block "SAME" convolution (no bias).
-    ReLU after the batch norm is our choice (the paper states BN then max pool); it matches the
-    ResNet conv stem.
     """
 
     def __init__(
@@ -262,8 +251,6 @@ class AttentionStem(nnx.Module):
         num_mixtures: int = 4,
         values: str = "spatially_aware",
         embed_dim: int | None = None,
-        bn_momentum: float = 0.9,
-        bn_epsilon: float = 1e-5,
         implementation: str = "auto",
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -321,14 +308,6 @@ class AttentionStem(nnx.Module):
             )
         else:
             self.value_mixture = self.emb_row = self.emb_col = self.mixture_emb = None
-        self.norm = BatchNorm(
-            out_features,
-            momentum=bn_momentum,
-            epsilon=bn_epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
 
     def mixture_weights(self) -> Array:
         """p(a, b, m) of eq. 9, ``[block, block, num_mixtures]`` (float32)."""
@@ -352,9 +331,10 @@ class AttentionStem(nnx.Module):
         v = jnp.einsum("bhawgc,agco->bhawgo", tiles.astype(dtype), mixed.astype(dtype))
         return v.reshape(b, h, w, self.out_features)
 
-    def attend(self, x: Array, *, return_weights: bool = False):
-        """The stem's attention alone, before BN and pooling: ``[b, H, W, out_features]``
-        (and weights ``[b*(H/s)*(W/s), s, s, heads, s*s]`` per tile)."""
+    def __call__(self, x: Array, *, return_weights: bool = False):
+        """``x: [b, H, W, in_features] -> [b, H, W, out_features]`` (and the weights
+        ``[b*(H/s)*(W/s), s, s, heads, s*s]`` per tile). With ``capture`` set, it also sows
+        the weights on the map, ``[b, H, W, heads, s*s]``, as ``attention_weights``."""
         if x.ndim != 4 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected [batch, height, width, {self.in_features}], got {tuple(x.shape)}"
@@ -368,6 +348,7 @@ class AttentionStem(nnx.Module):
         q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
         k, v = _project(self.key, x), self._values(x)
         q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
+        want_weights = return_weights or self.capture
         result = block_attention(
             q,
             k,
@@ -376,18 +357,10 @@ class AttentionStem(nnx.Module):
             rel_row=self.rel_row[...].astype(q.dtype),
             rel_col=self.rel_col[...].astype(q.dtype),
             implementation=self.implementation,
-            return_weights=return_weights,
+            return_weights=want_weights,
         )
-        out, weights = result if return_weights else (result, None)
+        out, weights = result if want_weights else (result, None)
+        if self.capture:
+            self.sow(nnx.Intermediate, "attention_weights", from_blocks(weights, x.shape[:3]))
         out = out.reshape(*x.shape[:3], self.out_features)
         return (out, weights) if return_weights else out
-
-    def __call__(self, x: Array) -> Array:
-        """``x: [batch, H, W, in_features] -> [batch, H/block, W/block, out_features]``."""
-        if self.capture:
-            attended, weights = self.attend(x, return_weights=True)
-            self.sow(nnx.Intermediate, "attention_weights", from_blocks(weights, x.shape[:3]))
-        else:
-            attended = self.attend(x)
-        y = nnx.relu(self.norm(attended))
-        return _block_max(y, self.block)

@@ -2,8 +2,10 @@
 
 A spatial op is any callable ``factory(in_features, out_features, *, strides, rngs)`` that
 returns a module mapping ``[b, h, w, in] -> [b, h/strides, w/strides, out]``: a 3x3 convolution
-(``conv3x3``) or the SASA layer (``attention(...)``). The stem is injected the same way. Models
-know nothing of training; ``build_model`` turns a model config into a module.
+(``conv3x3``) or the SASA layer (``attention(...)``). The stem (``ConvStem`` or
+``AttentionStem``) and the batch norm (``Norm.layer``: ``nnx.BatchNorm`` unless the caller
+injects another, as the trainer does for device-ordered statistics) are injected the same
+way. Models know nothing of training; ``build_model`` turns a ``ModelSpec`` into a module.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.layers import STEM_VALUES, AttentionStem, SelfAttention2D
-from sasa_jax.norm import BatchNorm
+from sasa_jax.layers import STEM_VALUES, SelfAttention2D, StemAttention
 
 Array = jax.Array
 SpatialFactory = Callable[..., nnx.Module]
@@ -42,16 +43,18 @@ VARIANTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Norm:
-    """Batch-norm settings shared by every norm of a model."""
+    """Batch-norm settings shared by every norm of a model; ``layer`` is the batch-norm class
+    (any ``nnx.BatchNorm`` subclass)."""
 
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    layer: type[nnx.BatchNorm] = nnx.BatchNorm
 
     def __call__(self, features: int, *, rngs: nnx.Rngs, zero_scale: bool = False):
         init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-        return BatchNorm(
+        return self.layer(
             features,
             momentum=self.momentum,
             epsilon=self.epsilon,
@@ -146,6 +149,42 @@ class ConvStem(nnx.Module):
     def __call__(self, x: Array) -> Array:
         y = nnx.relu(self.norm(self.conv(x)))
         return nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def block_max(x: Array, block: int) -> Array:
+    """Max pool over non-overlapping ``block x block`` tiles of ``[b, H, W, c]`` (H and W
+    multiples of ``block``): the same numbers as ``nnx.max_pool`` with stride = window. As a
+    reshape and a max its gradient is one elementwise mask; ``max_pool``'s goes through a
+    variadic reduce-window over four index planes of the input's size, which took ~300 ms of a
+    full-attention ResNet-50 step at 224x224 on a 2-core CPU (benchmarks/models.py)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // block, block, w // block, block, c).max(axis=(2, 4))
+
+
+class AttentionStem(nnx.Module):
+    """The attention stem: ``StemAttention`` (attention in each block x block tile with
+    spatially-aware values), batch norm, ReLU and a block x block max pool:
+    ``[b, 224, 224, 3] -> [b, 56, 56, 64]``. The paper names the norm and the pool; the ReLU
+    between them is our choice, as in the conv stem. ``attention_kwargs`` go to
+    ``StemAttention`` (block, values, heads, implementation, dtypes)."""
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 64,
+        *,
+        norm: Norm = Norm(),
+        rngs: nnx.Rngs,
+        **attention_kwargs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.attention = StemAttention(in_features, out_features, rngs=rngs, **attention_kwargs)
+        self.block = self.attention.block
+        self.norm = norm(out_features, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        y = nnx.relu(self.norm(self.attention(x)))
+        return block_max(y, self.block)
 
 
 class Bottleneck(nnx.Module):
@@ -275,7 +314,8 @@ def _scaled(width: int, multiplier: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Everything that selects a model; ``from_config`` reads it from ``config.model``."""
+    """Everything that selects a model; ``from_config`` reads it from ``config.model``.
+    A spec is checked once, when it is made: a bad one raises ValueError."""
 
     depth: int = 50
     variant: str = "baseline"
@@ -306,13 +346,34 @@ class ModelSpec:
             )
         return cls(**{**values, **overrides})
 
+    def __post_init__(self):
+        if self.depth not in STAGE_SIZES:
+            raise ValueError(f"model.depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"model.variant must be one of {sorted(VARIANTS)}, got {self.variant!r}"
+            )
+        if self.stem_values not in STEM_VALUES:
+            raise ValueError(
+                f"model.stem_values must be one of {STEM_VALUES}, got {self.stem_values!r}"
+            )
+        if self.resolved_stem() not in ("conv", "attention"):
+            raise ValueError(f"model.stem must be 'conv' or 'attention', got {self.stem!r}")
+        for stage in self.resolved_attention_stages():
+            width = _scaled(STAGE_WIDTHS[stage - 1], self.width_multiplier)
+            if width % self.num_heads or (width // self.num_heads) % 2:
+                raise ValueError(
+                    f"stage {stage} width {width} must split into num_heads={self.num_heads} "
+                    "heads of even size"
+                )
+        _scaled(64, self.width_multiplier)
+
     def resolved_stem(self) -> str:
-        stem = self.stem or VARIANTS[self.variant][0]
-        if stem not in ("conv", "attention"):
-            raise ValueError(f"model.stem must be 'conv' or 'attention', got {stem!r}")
-        return stem
+        """ "conv" or "attention": the stem this spec builds."""
+        return self.stem or VARIANTS[self.variant][0]
 
     def resolved_attention_stages(self) -> tuple[int, ...]:
+        """The stages (1-4) whose 3x3 convolutions are attention."""
         text = str(self.attention_stages).strip().lower()
         if text == "variant":
             return VARIANTS[self.variant][1]
@@ -325,33 +386,17 @@ class ModelSpec:
             )
         return tuple(sorted({int(c) for c in text}))
 
-    def validate(self) -> None:
-        if self.depth not in STAGE_SIZES:
-            raise ValueError(f"model.depth must be one of {sorted(STAGE_SIZES)}, got {self.depth}")
-        if self.variant not in VARIANTS:
-            raise ValueError(
-                f"model.variant must be one of {sorted(VARIANTS)}, got {self.variant!r}"
-            )
-        if self.stem_values not in STEM_VALUES:
-            raise ValueError(
-                f"model.stem_values must be one of {STEM_VALUES}, got {self.stem_values!r}"
-            )
-        self.resolved_stem()
-        for stage in self.resolved_attention_stages():
-            width = _scaled(STAGE_WIDTHS[stage - 1], self.width_multiplier)
-            if width % self.num_heads or (width // self.num_heads) % 2:
-                raise ValueError(
-                    f"stage {stage} width {width} must split into num_heads={self.num_heads} "
-                    "heads of even size"
-                )
-
 
 def build_model(
-    spec: ModelSpec, *, rngs: nnx.Rngs, dtype: Any = None, param_dtype: Any = jnp.float32
+    spec: ModelSpec,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    batch_norm: type[nnx.BatchNorm] = nnx.BatchNorm,
 ) -> ResNet:
-    """The ResNet a ``ModelSpec`` names. Raises ValueError for a bad spec before building."""
-    spec.validate()
-    norm = Norm(spec.bn_momentum, spec.bn_epsilon, dtype, param_dtype)
+    """The ResNet a ``ModelSpec`` names, with ``batch_norm`` as every norm's class."""
+    norm = Norm(spec.bn_momentum, spec.bn_epsilon, dtype, param_dtype, batch_norm)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     attention_stages = spec.resolved_attention_stages()
     sasa = attention(
@@ -368,10 +413,9 @@ def build_model(
     if spec.resolved_stem() == "attention":
         stem = functools.partial(
             AttentionStem,
+            norm=norm,
             block=spec.stem_block,
             values=spec.stem_values,
-            bn_momentum=spec.bn_momentum,
-            bn_epsilon=spec.bn_epsilon,
             implementation=spec.implementation,
             **dtypes,
         )
@@ -387,10 +431,3 @@ def build_model(
         zero_init_residual=spec.zero_init_residual,
         rngs=rngs,
     )
-
-
-ResNet26 = functools.partial(ResNet, STAGE_SIZES[26])
-ResNet38 = functools.partial(ResNet, STAGE_SIZES[38])
-ResNet50 = functools.partial(ResNet, STAGE_SIZES[50])
-ResNet101 = functools.partial(ResNet, STAGE_SIZES[101])
-ResNet152 = functools.partial(ResNet, STAGE_SIZES[152])
