@@ -4,7 +4,9 @@ r"""Trains and evaluates a config: the same command on a laptop CPU, a GPU box o
   python train.py --config=configs/imagenet.py:depth=50,variant=full_attention --workdir=DIR
 
 Writes TensorBoard events, metrics.jsonl and Orbax checkpoints to --workdir; running the same
-command again resumes. Any config field can be overridden with --config.FIELD=VALUE.
+command again resumes. Any config field can be overridden with --config.FIELD=VALUE. A config
+or data error (a bad field, a missing dataset, a workdir holding another run) prints one line
+and exits with status 2; --traceback shows where it came from.
 
 Several processes: pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I to
 each (they go to jax.distributed.initialize). Without them, jax.distributed.initialize() is
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -34,6 +37,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show the traceback of config and data errors instead of one line."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -96,7 +102,13 @@ def main(argv) -> None:
         jax.device_count(),
         jax.default_backend(),
     )
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as error:
+        if _TRACEBACK.value:
+            raise
+        print(f"train.py: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -80,9 +80,6 @@ class Checkpointer:
         )
         return restored.state
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()

@@ -1,59 +1,44 @@
-"""Training and evaluation: state, optimiser, steps over a device mesh, the resumable loop.
+"""The resumable training loop: ``train_and_evaluate(config, workdir)``, and ``load_run``.
 
-Following the flax ImageNet example: ``create_train_state``, ``train_step``, ``eval_step``,
-``train_and_evaluate(config, workdir)``. Data parallelism is ``jax.jit`` over a ``Mesh`` with
-one ``data`` axis: the batch is sharded, the state replicated and donated. Batch-norm statistics
-are taken over the global batch, whatever the number of devices or processes.
-
-With ``config.deterministic_reductions`` (the default) the step body runs under ``shard_map``
-and every cross-device mean (gradients, loss, batch-norm statistics) adds the devices' values in
-device order (``sasa_jax.parallel``), so two processes of 2 devices compute the same bits as one
-process of 4. Off, the sums are XLA's own all-reduces, whose rounding depends on the layout.
+Data parallelism is ``jax.jit`` over a ``Mesh`` with one ``data`` axis: the batch is sharded,
+the state replicated and donated. Batch-norm statistics are taken over the global batch,
+whatever the number of devices or processes. With ``config.deterministic_reductions`` (the
+default) the step body runs under ``shard_map`` and every cross-device mean adds the devices'
+values in device order (``sasa_jax.parallel``), so two processes of 2 devices compute the same
+bits as one process of 4. Off, the sums are XLA's own all-reduces, whose rounding depends on the
+layout. The state, optimiser and steps are ``train_steps``; what a workdir holds is ``workdir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
-import pathlib
 import signal
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sasa_jax import data, parallel
+from sasa_jax import data
+from sasa_jax import workdir as run_record
 from sasa_jax.checkpoints import Checkpointer
 from sasa_jax.metrics import MetricWriter, Progress
-from sasa_jax.models import ModelSpec, build_model
+from sasa_jax.models import ModelSpec
 from sasa_jax.norm import set_batch_axis
-
-NO_DECAY = ("bias", "scale")  # batch-norm scales and offsets, and every bias
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a resumed run needs besides the data iterator."""
-
-    step: jax.Array
-    params: nnx.State
-    batch_stats: nnx.State
-    opt_state: optax.OptState
-    ema_params: nnx.State | None
-    rng: jax.Array
-
-    def eval_params(self) -> nnx.State:
-        """The weights eval uses: the EMA when the run keeps one."""
-        return self.params if self.ema_params is None else self.ema_params
+from sasa_jax.train_steps import (
+    create_model,
+    create_optimizer,
+    create_train_state,
+    eval_step,
+    learning_rate_schedule,
+    train_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +59,7 @@ class Schedule:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises one clear ValueError for a config that cannot run, before anything compiles."""
-    spec = ModelSpec.from_config(config.model)
-    spec.validate()
+    ModelSpec.from_config(config.model)
     if config.dataset not in data.DATASETS:
         raise ValueError(f"config.dataset must be one of {data.DATASETS}, got {config.dataset!r}")
     devices = jax.device_count()
@@ -117,145 +101,6 @@ def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) ->
         log_every=config.log_every_steps,
         checkpoint_every=config.checkpoint_every_steps,
     )
-
-
-# -------------------------------------------------------------- model, optimiser, state
-
-
-def compute_dtype(config) -> Any:
-    return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def create_model(config, num_classes: int, *, seed: int = 0):
-    spec = ModelSpec.from_config(config.model, num_classes=num_classes)
-    return build_model(spec, rngs=nnx.Rngs(seed), dtype=compute_dtype(config))
-
-
-def learning_rate_schedule(config, schedule: Schedule) -> optax.Schedule:
-    """Linear warm-up from 0 to ``base * batch / 256``, then cosine decay to 0."""
-    peak = config.base_learning_rate * config.batch_size / 256.0
-    warmup = min(schedule.warmup_steps, max(schedule.total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=warmup,
-        decay_steps=max(schedule.total_steps, warmup + 1),
-        end_value=0.0,
-    )
-
-
-def decay_mask(params: nnx.State) -> Any:
-    """True for weights that get weight decay: all but batch-norm scales/offsets and biases."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", path[-1])) not in NO_DECAY, params
-    )
-
-
-def create_optimizer(config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
-    """SGD with (Nesterov) momentum and decoupled-from-BN L2 weight decay."""
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
-    )
-
-
-def create_train_state(model, tx: optax.GradientTransformation, config):
-    """Splits a model into graph definitions (train and eval mode) and a ``TrainState``."""
-    model.eval()
-    eval_graph = nnx.graphdef(model)
-    model.train()
-    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError("the model holds state other than parameters and batch statistics")
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None,
-        rng=jax.random.PRNGKey(config.seed),
-    )
-    return graphdef, eval_graph, state
-
-
-# ------------------------------------------------------------------------------ steps
-
-
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float
-) -> jax.Array:
-    """Per-example softmax cross-entropy with label smoothing, ``[batch]``."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def train_step(
-    state: TrainState,
-    batch: dict,
-    *,
-    graphdef,
-    tx,
-    learning_rate,
-    config,
-    num_classes: int,
-    axis_name: str | None = None,
-):
-    """One SGD step on a global batch; returns the new state and scalar metrics.
-
-    With ``axis_name``, the step runs per device inside ``shard_map`` over that axis: ``batch``
-    is the device's shard, and the gradients, loss and accuracy are averaged over the axis in
-    device order (``parallel.ordered_mean``). ``graphdef``'s batch norms must then average over
-    the same axis (``set_batch_axis``).
-    """
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
-    images = data.normalize(batch["image"], dtype=compute_dtype(config))
-
-    def loss_fn(model):
-        logits = model(images)
-        loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing)
-        return loss.mean(), logits
-
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    if axis_name is not None:
-        grads, loss, accuracy = parallel.ordered_mean((grads, loss, accuracy), axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema_params
-    if ema is not None:
-        ema = jax.tree.map(
-            lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p, ema, params
-        )
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=nnx.state(model, nnx.BatchStat),
-        opt_state=opt_state,
-        ema_params=ema,
-        rng=jax.random.fold_in(state.rng, state.step),
-    )
-    metrics = {
-        "loss": loss,
-        "accuracy": accuracy,
-        "learning_rate": learning_rate(state.step),
-        "finite": jnp.isfinite(loss),
-    }
-    return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: dict, *, graphdef, config, num_classes: int) -> dict:
-    """Sums over the real (masked) examples of a padded global batch."""
-    model = nnx.merge(graphdef, state.eval_params(), state.batch_stats)
-    logits = model(data.normalize(batch["image"], dtype=compute_dtype(config)))
-    mask = batch["mask"].astype(jnp.float32)
-    loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
-    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
-    return {
-        "count": mask.sum(),
-        "loss": (loss * mask).sum(),
-        "top1": ((top5[:, 0] == batch["label"]) * mask).sum(),
-        "top5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
-    }
 
 
 # ------------------------------------------------------------------------- the loop
@@ -322,11 +167,43 @@ def evaluate(state, splits, config, *, eval_fn, batch_sharding) -> dict[str, flo
     }
 
 
+def _compiled_train_step(config, graphdef, tx, num_classes, mesh, axis_name, batch_sharding):
+    """``step(state, batch, learning_rate) -> (state, metrics)``, jitted over the mesh (per
+    device under ``shard_map`` with ``axis_name``); the state is donated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        config=config,
+        num_classes=num_classes,
+        axis_name=axis_name,
+    )
+    if axis_name is not None:
+        step = jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), PartitionSpec(axis_name), PartitionSpec()),
+            out_specs=(PartitionSpec(), PartitionSpec()),
+            check_vma=False,  # the outputs are replicated: every device adds in the same order
+        )
+    return jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the last
     metrics written. Raises FloatingPointError if the loss stops being finite."""
     validate_config(config)
+    changes = run_record.resume_changes(config, workdir)
     primary = jax.process_index() == 0
+    if primary:
+        for line in changes:
+            print(line, flush=True)
     splits = data.load_dataset_from_config(config)
     schedule = make_schedule(config, len(splits.train))
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -336,32 +213,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = create_model(config, splits.num_classes, seed=config.seed)
     axis_name = "data" if config.deterministic_reductions else None
     set_batch_axis(model, axis_name)
-    learning_rate = learning_rate_schedule(config, schedule)
-    tx = create_optimizer(config, learning_rate)
+    schedule_fn = learning_rate_schedule(config, schedule.total_steps, schedule.warmup_steps)
+    learning_rates = np.asarray(schedule_fn(np.arange(schedule.total_steps)), np.float32)
+    tx = create_optimizer(config)
     graphdef, eval_graph, state = create_train_state(model, tx, config)
     state = jax.device_put(state, replicated)
-    step = functools.partial(
-        train_step,
-        graphdef=graphdef,
-        tx=tx,
-        learning_rate=learning_rate,
-        config=config,
-        num_classes=splits.num_classes,
-        axis_name=axis_name,
-    )
-    if axis_name is not None:
-        step = jax.shard_map(
-            step,
-            mesh=mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(axis_name)),
-            out_specs=(PartitionSpec(), PartitionSpec()),
-            check_vma=False,  # the outputs are replicated: every device adds in the same order
-        )
-    step_fn = jax.jit(
-        step,
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    step_fn = _compiled_train_step(
+        config, graphdef, tx, splits.num_classes, mesh, axis_name, batch_sharding
     )
     eval_fn = jax.jit(
         functools.partial(
@@ -387,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     state, start = checkpointer.restore_latest(state, batches)
     if primary:
-        save_run_config(config, workdir, num_classes=splits.num_classes)
+        run_record.save_config(config, workdir, num_classes=splits.num_classes)
     writer = MetricWriter(workdir, enabled=primary)
     progress = Progress(schedule.total_steps, start, enabled=primary)
     if primary:
@@ -403,10 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         with _Stopper() as stopper:
             for step in range(start + 1, schedule.total_steps + 1):
-                state, metrics = step_fn(state, next(batches))
+                rate = learning_rates[step - 1]
+                state, metrics = step_fn(state, next(batches), rate)
                 window["loss"].append(metrics["loss"])
                 window["finite"].append(metrics["finite"])
-                window["learning_rate"] = metrics["learning_rate"]
+                window["learning_rate"] = rate
                 steps_timed += 1
                 final = step == schedule.total_steps
                 stop = stopper.agreed()
@@ -417,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     rate = steps_timed / elapsed
                     last = {
                         "train_loss": float(np.mean(losses)),
-                        "learning_rate": float(_host(window["learning_rate"])),
+                        "learning_rate": float(window["learning_rate"]),
                         "steps_per_sec": rate,
                         "examples_per_sec": rate * schedule.global_batch,
                     }
@@ -457,34 +316,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {"step": int(_host(state.step)), **last}
 
 
-def save_run_config(config, workdir: str, *, num_classes: int) -> None:
-    """Writes ``workdir/config.json``: the run's config with the dataset's class count, so a
-    run can be rebuilt later (``sasa_jax.visualize``)."""
-    resolved = config.copy_and_resolve_references()
-    with resolved.unlocked():
-        resolved.model.num_classes = num_classes
-    path = pathlib.Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(resolved.to_json(indent=2))
-
-
 def load_run(workdir: str):
     """``(config, model in eval mode with the latest checkpoint's weights, step)`` of a run
     made by ``train.py``; the EMA weights when the run kept them, as eval does.
 
     Raises FileNotFoundError if ``workdir`` holds no run or no checkpoint yet.
     """
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{workdir} holds no run of train.py (no config.json)")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = run_record.load_config(workdir)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         step = checkpointer.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
         model = create_model(config, config.model.num_classes, seed=config.seed)
-        tx = create_optimizer(config, optax.constant_schedule(0.0))
+        tx = create_optimizer(config)
         graphdef, eval_graph, state = create_train_state(model, tx, config)
         state = checkpointer.restore_state(step, state)
     finally:
