@@ -1,8 +1,10 @@
 r"""Your own images: DIR/<class>/* or DIR/{train,test|validation}/<class>/*.
 
-The argument is the folder. Without split folders, ~10% of the files (chosen by a hash of
-their path) are held out as test. Images are resized to 32x32 by default; set
---config.image_size for larger ones (the attention stages need it to be a multiple of 32).
+The argument is the folder, then optionally model fields as for configs/imagenet.py:
+``--config=configs/image_folder.py:DIR,variant=baseline,window=3``. Without split folders,
+~10% of the files (chosen by a hash of their path) are held out as test. Images are resized
+to 32x32 by default; set --config.image_size for larger ones (the attention stages need it to
+be a multiple of 32).
 
   python benchmarks/make_patches.py --out /tmp/patches     # 1,020 patches, 6 classes
   python train.py --config=configs/image_folder.py:/tmp/patches --workdir=/tmp/wd_patches
@@ -15,11 +17,12 @@ from sasa_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-    if not arg:
+    folder, model_arg = config_lib.split_path_arg(arg)
+    if not folder:
         raise ValueError("give the image folder: --config=configs/image_folder.py:/path/to/images")
     config = config_lib.default_config()
     config.dataset = "image_folder"
-    config.image_folder = arg
+    config.image_folder = folder
     config.image_size = 32
     config.batch_size = 64
     config.eval_batch_size = 64
@@ -39,4 +42,4 @@ def get_config(arg: str | None = None):
     config.model.width_multiplier = 0.25
     config.model.window = 5
     config.model.bn_momentum = 0.9
-    return config
+    return config_lib.apply_model_arg(config, model_arg)

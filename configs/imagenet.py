@@ -1,4 +1,4 @@
-r"""ImageNet 2012 with the paper's recipe (Appendix A.2; ../shared/PAPER.md section 4).
+r"""ImageNet 2012 with the paper's recipe (Ramachandran et al. 2019, Appendix A.2).
 
 The argument selects the model (any ``config.model`` field; ``width`` and ``stages`` are short
 for ``width_multiplier`` and ``attention_stages``):

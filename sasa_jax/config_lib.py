@@ -4,6 +4,8 @@ for the ``--config=FILE:ARG`` argument string (``key=value,key=value``)."""
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Any
 
 import ml_collections
 
@@ -54,37 +56,58 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def parse_value(text: str, like: Any, name: str) -> Any:
+    """``text`` as a value of ``like``'s type (bool, int, float, str, or a tuple of them
+    written with ``x`` between the items, e.g. ``3x5``). Raises ValueError naming ``name``."""
+    text = text.strip()
+    try:
+        if isinstance(like, bool):
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            return float(text)
+        if isinstance(like, tuple):
+            item = like[0] if like else ""
+            return tuple(parse_value(part, item, name) for part in text.split("x"))
+    except ValueError:
+        kind = "a tuple like 3x5" if isinstance(like, tuple) else type(like).__name__
+        raise ValueError(f"{name} must be {kind}, got {text!r}") from None
     return text
 
 
-def parse_arg(arg: str | None) -> dict:
-    """``"depth=50,variant=full_attention"`` -> ``{"depth": 50, "variant": "full_attention"}``."""
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``"depth=50,variant=full_attention"`` -> ``{"depth": "50", "variant": "full_attention"}``
+    (values stay text: ``apply_model_arg`` types them by field)."""
     result = {}
     for item in filter(None, (arg or "").split(",")):
         if "=" not in item:
             raise ValueError(f"config argument items must be key=value, got {item!r} in {arg!r}")
         key, value = item.split("=", 1)
-        result[key.strip()] = _parse_value(value.strip())
+        result[key.strip()] = value.strip()
     return result
 
 
+def split_path_arg(arg: str | None) -> tuple[str, str]:
+    """``"DIR,key=value,..."`` -> ``("DIR", "key=value,...")``: the leading path (which may
+    hold "=" but no "," followed by ``key=``) and the model fields after it."""
+    match = re.match(r"^(.*?)((?:,\s*[A-Za-z_]\w*=[^,]*)*)$", arg or "")
+    path, rest = match.group(1), match.group(2).lstrip(",")
+    return path.strip(), rest
+
+
 def apply_model_arg(config: ml_collections.ConfigDict, arg: str | None):
-    """Sets ``config.model`` fields from the argument string; unknown keys raise ValueError."""
-    for key, value in parse_arg(arg).items():
+    """Sets ``config.model`` fields from the argument string, each parsed as its field's type
+    (``zero_init_residual=False`` is a bool). Unknown keys and bad values raise ValueError."""
+    for key, text in parse_arg(arg).items():
         field = MODEL_ALIASES.get(key, key)
         if field not in config.model:
             known = sorted(set(config.model) | set(MODEL_ALIASES))
             raise ValueError(f"unknown config argument {key!r}; known: {known}")
-        current = config.model[field]
-        if isinstance(current, str):
-            value = str(value)
-        elif isinstance(current, float):
-            value = float(value)
-        config.model[field] = value
+        config.model[field] = parse_value(text, config.model[field], f"model.{field}")
     return config

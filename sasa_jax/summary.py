@@ -33,8 +33,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sasa_jax.layers import AttentionStem, SelfAttention2D
-from sasa_jax.models import Bottleneck, ConvStem, ModelSpec, ResNet, build_model
+from sasa_jax.layers import SelfAttention2D, StemAttention
+from sasa_jax.models import AttentionStem, Bottleneck, ConvStem, ModelSpec, ResNet, build_model
 
 Counter = Callable[..., tuple[int, int, int]]
 CONVENTIONS = ("paper", "computed")
@@ -84,9 +84,10 @@ def attention_flops(
 
 
 def stem_attention_flops(
-    stem: AttentionStem, h: int, w: int, convention: str = "paper"
+    stem: StemAttention, h: int, w: int, convention: str = "paper"
 ) -> tuple[int, int, int]:
-    """(FLOPs, out height, out width) of the attention stem; see the module docstring."""
+    """(FLOPs, out height, out width) of the attention stem's attention; see the module
+    docstring."""
     pixels, cin, out, s = h * w, stem.in_features, stem.out_features, stem.block
     flops = 2 * 2 * pixels * cin * out  # W_Q, W_K
     if stem.value_conv is not None:
@@ -102,7 +103,12 @@ def stem_attention_flops(
     flops += 2 * 2 * pixels * s * s * out  # logits and weighted values over the s*s block
     lengths = stem.rel_row.shape[0] + stem.rel_col.shape[0]
     flops += _relative_flops(pixels, s * s, lengths, out, convention)
-    return flops, h // s, w // s
+    return flops, h, w
+
+
+def _attention_stem_flops(stem: AttentionStem, h: int, w: int, convention: str):
+    flops, h, w = stem_attention_flops(stem.attention, h, w, convention)
+    return flops, h // stem.block, w // stem.block
 
 
 def _conv_stem_flops(stem: ConvStem, h: int, w: int, convention: str):
@@ -135,7 +141,8 @@ def _bottleneck_flops(block: Bottleneck, h: int, w: int, convention: str):
 _COUNTERS: list[tuple[type, Counter]] = [
     (nnx.Conv, conv_flops),
     (SelfAttention2D, attention_flops),
-    (AttentionStem, stem_attention_flops),
+    (StemAttention, stem_attention_flops),
+    (AttentionStem, _attention_stem_flops),
     (ConvStem, _conv_stem_flops),
     (Bottleneck, _bottleneck_flops),
 ]
@@ -188,7 +195,6 @@ def summarize(model: ResNet, image_size: int) -> dict:
 def summarize_config(config) -> dict:
     """``summarize`` for a config, building the model abstractly (no memory, no compile)."""
     spec = ModelSpec.from_config(config.model)
-    spec.validate()
     model = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
     result = summarize(model, config.image_size)
     result["model"] = {
@@ -220,21 +226,24 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file[:argument].", lock_config=True
-)
-_JSON = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
+def main() -> None:
+    """``python -m sasa_jax.summary --config=CONFIG[:ARG] [--json]``. The flags are defined
+    here, not on import, so importing this module leaves absl's global flags alone."""
+    config = config_flags.DEFINE_config_file("config", None, "Config file[:argument].")
+    as_json = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
 
+    def run(argv) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if config.value is None:
+            raise app.UsageError("--config is required, e.g. --config=configs/imagenet.py:depth=50")
+        result = summarize_config(config.value)
+        print(format_summary(result))
+        if as_json.value:
+            print(json.dumps(result))
 
-def main(argv) -> None:
-    del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/imagenet.py:depth=50")
-    result = summarize_config(_CONFIG.value)
-    print(format_summary(result))
-    if _JSON.value:
-        print(json.dumps(result))
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from sasa_jax.attention import axis_window
-from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.layers import SelfAttention2D, StemAttention
 
 
 @dataclasses.dataclass
@@ -43,9 +44,9 @@ def _attention_layers(model) -> list[tuple[str, nnx.Module]]:
     found = [
         (path, module)
         for path, module in nnx.iter_modules(model)
-        if isinstance(module, SelfAttention2D | AttentionStem)
+        if isinstance(module, SelfAttention2D | StemAttention)
     ]
-    found.sort(key=lambda item: (not isinstance(item[1], AttentionStem), item[0]))
+    found.sort(key=lambda item: (not isinstance(item[1], StemAttention), item[0]))
     return [("/".join(str(p) for p in path) or "model", module) for path, module in found]
 
 
@@ -61,7 +62,10 @@ def attention_maps(model, image: np.ndarray) -> list[LayerMaps]:
         layer.capture = True
     try:
         # float32: a float64 array (numpy's default) would only be truncated, with a warning.
-        _, captured = nnx.capture(model, nnx.Intermediate)(np.asarray(image, np.float32)[None])
+        # One compiled forward pass, not one small program per operation.
+        _, captured = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(
+            model, np.asarray(image, np.float32)[None]
+        )
     finally:
         for _, layer in layers:
             layer.capture = False
@@ -71,7 +75,7 @@ def attention_maps(model, image: np.ndarray) -> list[LayerMaps]:
         for key in name.split("/"):
             node = node[int(key) if key.isdigit() else key]
         relative = node["relative_logits"][0][0] if "relative_logits" in node else None
-        if isinstance(layer, AttentionStem):
+        if isinstance(layer, StemAttention):
             maps.append(
                 LayerMaps(
                     name,
@@ -205,12 +209,13 @@ def load_image(config, path: str | None) -> np.ndarray:
 def visualize(workdir: str, image_path: str | None = None, out: str | None = None) -> str:
     """Draws the figure for a run; returns the PNG's path (default ``workdir/attention.png``)."""
     from sasa_jax import data, train_lib
+    from sasa_jax.train_steps import compute_dtype
 
     if not pathlib.Path(workdir).is_dir():
         raise FileNotFoundError(f"no such workdir: {workdir}")
     config, model, step = train_lib.load_run(workdir)
     pixels = load_image(config, image_path)
-    normalised = np.asarray(data.normalize(pixels, dtype=train_lib.compute_dtype(config)))
+    normalised = np.asarray(data.normalize(pixels, dtype=compute_dtype(config)))
     maps = attention_maps(model, normalised)
     fig = draw(pixels / 255.0, maps, title=f"{workdir} (step {step})")
     out = out or str(pathlib.Path(workdir) / "attention.png")
@@ -218,17 +223,26 @@ def visualize(workdir: str, image_path: str | None = None, out: str | None = Non
     return out
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.")
-_IMAGE = flags.DEFINE_string("image", None, "An image file (default: the eval split's first).")
-_OUT = flags.DEFINE_string("out", None, "The PNG to write (default: WORKDIR/attention.png).")
+def main() -> None:
+    """``python -m sasa_jax.visualize --workdir=DIR [--image=PATH] [--out=FILE.png]``. The
+    flags are defined here, not on import."""
+    workdir = flags.DEFINE_string("workdir", None, "A train.py workdir.")
+    image = flags.DEFINE_string("image", None, "An image file (default: the eval split's first).")
+    out = flags.DEFINE_string("out", None, "The PNG to write (default: WORKDIR/attention.png).")
 
+    def run(argv) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not workdir.value:
+            raise app.UsageError("--workdir is required")
+        try:
+            print(visualize(workdir.value, image.value, out.value))
+        except (ValueError, FileNotFoundError) as error:
+            print(f"visualize: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
-def main(argv) -> None:
-    del argv
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    print(visualize(_WORKDIR.value, _IMAGE.value, _OUT.value))
+    app.run(run)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -7,8 +7,9 @@
   ``DIR/{train,test|validation}/<class>/*``. Classes are the sorted folder names. Without split
   folders, a file goes to test when the MD5 of its relative path falls in the lowest
   ``test_percent`` (default 10%) -- deterministic and stable when files are added. PNG and JPEG
-  (and anything else Pillow reads) are stored as PNG. An unreadable or corrupt file stops the
-  build with a ValueError naming the file: fix or remove it, then build again.
+  (and anything else Pillow reads) are stored as PNG. Unreadable or corrupt files are skipped
+  and listed in ``unreadable``; ``sources.load_dataset`` then discards the build and raises
+  one ValueError that names them all (fix or remove them, then run again).
 
 Both are built on first use into the TFDS data dir (``TFDS_DATA_DIR`` or ``~/tensorflow_datasets``
 unless a data_dir is given).
@@ -125,15 +126,14 @@ def folder_fingerprint(files: dict[str, list[tuple[pathlib.Path, str]]]) -> str:
     return digest.hexdigest()[:12]
 
 
-def _load_rgb(path: pathlib.Path) -> Image.Image:
+def _load_rgb(path: pathlib.Path) -> Image.Image | str:
+    """The image as RGB, or the reason Pillow cannot read it."""
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(
-            f"cannot read image {path}: {error}. Fix or remove the file, then run again."
-        ) from error
+        return str(error) or type(error).__name__
 
 
 class SasaImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -145,6 +145,7 @@ class SasaImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, folder: str | os.PathLike, test_percent: int = 10, **kwargs):
         self._folder = pathlib.Path(folder).expanduser().resolve()
         self._classes, self._files = folder_layout(self._folder, test_percent)
+        self.unreadable: list[tuple[pathlib.Path, str]] = []  # filled while building
         name = "".join(c if c.isalnum() else "_" for c in self._folder.name.lower())
         config = tfds.core.BuilderConfig(name=f"{name}_{folder_fingerprint(self._files)}")
         super().__init__(config=config, **kwargs)
@@ -173,5 +174,9 @@ class SasaImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str):
         for path, label in self._files[split]:
+            image = _load_rgb(path)
+            if isinstance(image, str):
+                self.unreadable.append((path, image))
+                continue
             name = str(path.relative_to(self._folder))
-            yield name, {"image": _load_rgb(path), "label": label, "file_name": name}
+            yield name, {"image": image, "label": label, "file_name": name}

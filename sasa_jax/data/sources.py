@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,10 +60,31 @@ def split_names(dataset: str, eval_split: str, minival_percent: int) -> tuple[st
     return "train", eval_split
 
 
+# At most this many unreadable files are named in the error (then how many more there are).
+LISTED_FILES = 20
+
+
+def _unreadable_error(unreadable: list) -> ValueError:
+    lines = [f"  {path}: {reason}" for path, reason in unreadable[:LISTED_FILES]]
+    if len(unreadable) > LISTED_FILES:
+        lines.append(f"  ... and {len(unreadable) - LISTED_FILES} more")
+    return ValueError(
+        f"{len(unreadable)} image file(s) cannot be read:\n"
+        + "\n".join(lines)
+        + "\nFix or remove them, then run again."
+    )
+
+
 def _prepared_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+    """Builds the dataset once; a build that skipped unreadable files is discarded and one
+    ValueError lists them all."""
     if not builder.is_prepared():
         tfds.disable_progress_bar()
         builder.download_and_prepare(file_format="array_record")
+        unreadable = getattr(builder, "unreadable", [])
+        if unreadable:
+            shutil.rmtree(builder.data_dir, ignore_errors=True)
+            raise _unreadable_error(unreadable)
     return builder
 
 
