@@ -79,7 +79,9 @@ def membership(height, width, window, dilation, border):
 
 
 def reference_attention(q, k, v, *, window, rel_row=None, rel_col=None, dilation=1, border="mask"):
-    """Dense masked local attention. Returns (out [b,h,w,n,dv], weights [b,h,w,n,kh*kw])."""
+    """Dense masked local attention. Returns (out [b,h,w,n,dv], weights [b,h,w,n,kh*kw]).
+    ``k=None``: no content logits (the contract's q·r alone), i.e. every key is zero."""
+    k = jnp.zeros_like(q) if k is None else k
     window = (window, window) if isinstance(window, int) else tuple(window)
     b, h, w, n, d = q.shape
     m = {
@@ -133,7 +135,7 @@ def reference_block_attention(q, k, v, rel_row, rel_col, block):
         t = t.reshape(b, h // s, s, w // s, s, n, -1).transpose(0, 1, 3, 5, 2, 4, 6)
         return t.reshape(b, h // s, w // s, n, s * s, -1)
 
-    qt, kt, vt = tiles(q), tiles(k), tiles(v)
+    qt, kt, vt = tiles(q), tiles(jnp.zeros_like(q) if k is None else k), tiles(v)
     logits = jnp.einsum("...pd,...qd->...pq", qt, kt)
     if rel_row is not None:
         rows, cols = np.divmod(np.arange(s * s), s)
@@ -146,3 +148,104 @@ def reference_block_attention(q, k, v, rel_row, rel_col, block):
     out = out.reshape(b, h // s, w // s, n, s, s, -1).transpose(0, 1, 4, 2, 5, 3, 6)
     weights = weights.reshape(b, h // s, w // s, n, s, s, s * s).transpose(0, 1, 2, 4, 5, 3, 6)
     return out.reshape(b, h, w, n, -1), weights.reshape(-1, s, s, n, s * s)
+
+
+def reference_attention_np(q, k, v, rel_row, rel_col, *, window, dilation, border, c_out, c_w):
+    """The contract straight from the README in float64 NumPy, with its gradients written out.
+
+    Loops over every query and every tap of its window (from ``tap_positions``). A tap inside
+    the image reads that pixel's key and value; a tap outside is left out under "mask" and is a
+    zero key and value under "zeros". Returns ``(out, weights, grads)``: the output
+    ``[b,h,w,n,dv]``, the weights ``[b,h,w,n,kh*kw]`` (0 for taps out of the softmax), and the
+    gradients of ``sum(out * c_out) + sum(weights * c_w)`` with respect to ``(q, k, v,
+    rel_row, rel_col)`` (None where the argument is None; ``k=None`` means zero keys).
+    """
+    q, v = np.asarray(q, np.float64), np.asarray(v, np.float64)
+    k = np.zeros_like(q) if k is None else np.asarray(k, np.float64)
+    has_rel = rel_row is not None
+    if has_rel:
+        rel_row, rel_col = np.asarray(rel_row, np.float64), np.asarray(rel_col, np.float64)
+    c_out, c_w = np.asarray(c_out, np.float64), np.asarray(c_w, np.float64)
+    kh, kw = (window, window) if isinstance(window, int) else window
+    b, height, width, n, d = q.shape
+    half = d // 2
+    rows = tap_positions(height, kh, dilation, border)
+    cols = tap_positions(width, kw, dilation, border)
+    out = np.zeros(v.shape)
+    weights = np.zeros((b, height, width, n, kh * kw))
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    d_row = np.zeros(rel_row.shape) if has_rel else None
+    d_col = np.zeros(rel_col.shape) if has_rel else None
+    for i in range(height):
+        for j in range(width):
+            taps = []  # (tap index, key row or None, key column, rel row, rel column)
+            for t in range(kh):
+                for u in range(kw):
+                    (a, ra), (c, rc) = rows[i, t], cols[j, u]
+                    inside = 0 <= a < height and 0 <= c < width
+                    if inside or border == "zeros":
+                        taps.append((t * kw + u, (a, c) if inside else None, ra, rc))
+            qi = q[:, i, j]  # [b, n, d]
+            logits = []
+            for _, key, ra, rc in taps:
+                logit = np.zeros((b, n))
+                if key is not None:
+                    logit += np.sum(qi * k[:, key[0], key[1]], axis=-1)
+                if has_rel:
+                    logit += qi[..., :half] @ rel_row[ra] + qi[..., half:] @ rel_col[rc]
+                logits.append(logit)
+            logits = np.stack(logits, axis=-1)  # [b, n, taps]
+            p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            d_p = np.zeros_like(p)
+            for x, (tap, key, _, _) in enumerate(taps):
+                weights[:, i, j, :, tap] = p[..., x]
+                d_p[..., x] = c_w[:, i, j, :, tap]
+                if key is not None:
+                    value = v[:, key[0], key[1]]
+                    out[:, i, j] += p[..., x, None] * value
+                    d_p[..., x] += np.sum(c_out[:, i, j] * value, axis=-1)
+                    dv[:, key[0], key[1]] += p[..., x, None] * c_out[:, i, j]
+            d_logit = p * (d_p - np.sum(p * d_p, axis=-1, keepdims=True))
+            for x, (_, key, ra, rc) in enumerate(taps):
+                g = d_logit[..., x, None]  # [b, n, 1]
+                if key is not None:
+                    dq[:, i, j] += g * k[:, key[0], key[1]]
+                    dk[:, key[0], key[1]] += g * qi
+                if has_rel:
+                    dq[:, i, j, :, :half] += g * rel_row[ra]
+                    dq[:, i, j, :, half:] += g * rel_col[rc]
+                    d_row[ra] += np.sum(g * qi[..., :half], axis=(0, 1))
+                    d_col[rc] += np.sum(g * qi[..., half:], axis=(0, 1))
+    return out, weights, (dq, dk, dv, d_row, d_col)
+
+
+def reference_block_attention_np(q, k, v, rel_row, rel_col, block, *, c_out, c_w):
+    """``block_attention`` from its contract, in float64 NumPy: ``reference_attention_np``
+    with a "clamp" window of ``block`` on each ``block x block`` tile as an image of its own.
+    ``c_w`` is ``[tiles, block, block, heads, block*block]``, tiles in row-major order. Returns
+    ``(out, weights, grads)`` as ``reference_attention_np`` does, on the whole map."""
+    b, h, w, n = np.shape(q)[:4]
+    s = block
+
+    def tiles(x):  # [b, H, W, n, c] -> [b*(H/s)*(W/s), s, s, n, c]
+        x = np.asarray(x, np.float64).reshape(b, h // s, s, w // s, s, n, -1)
+        return x.transpose(0, 1, 3, 2, 4, 5, 6).reshape(-1, s, s, n, x.shape[-1])
+
+    def untile(x):
+        x = x.reshape(b, h // s, w // s, s, s, n, -1).transpose(0, 1, 3, 2, 4, 5, 6)
+        return x.reshape(b, h, w, n, -1)
+
+    out, weights, (dq, dk, dv, d_row, d_col) = reference_attention_np(
+        tiles(q),
+        None if k is None else tiles(k),
+        tiles(v),
+        rel_row,
+        rel_col,
+        window=s,
+        dilation=1,
+        border="clamp",
+        c_out=tiles(c_out),
+        c_w=c_w,
+    )
+    return untile(out), weights, (untile(dq), untile(dk), untile(dv), d_row, d_col)

@@ -278,14 +278,28 @@ def test_image_folder_with_split_folders_sorts_classes(tmp_path):
     assert image.shape == (16, 16, 3)
 
 
-def test_image_folder_corrupt_file_names_the_file(tmp_path):
-    _make_folder(tmp_path / "images", [""])
-    bad = tmp_path / "images" / "bee" / "broken.jpg"
-    bad.write_bytes(b"not a jpeg at all")
-    with pytest.raises(ValueError, match="broken.jpg"):
-        data.load_dataset(
-            "image_folder", image_folder=str(tmp_path / "images"), data_dir=str(tmp_path / "tfds")
-        )
+def test_unreadable_images_are_listed_in_one_error(tmp_path):
+    """Bad files in both splits: one ValueError names every one of them, and nothing is left
+    built (the same call fails again, it does not train on a partial dataset)."""
+    _make_folder(tmp_path / "images", ["train", "test"])
+    bad = [
+        tmp_path / "images" / "train" / "bee" / "broken.jpg",
+        tmp_path / "images" / "train" / "ant" / "empty.png",
+        tmp_path / "images" / "test" / "cat" / "truncated.png",
+    ]
+    bad[0].write_bytes(b"not a jpeg at all")
+    bad[1].write_bytes(b"")
+    good = (tmp_path / "images" / "test" / "cat" / "0.png").read_bytes()
+    bad[2].write_bytes(good[: len(good) // 2])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="3 image file") as error:
+            data.load_dataset(
+                "image_folder",
+                image_folder=str(tmp_path / "images"),
+                data_dir=str(tmp_path / "tfds"),
+            )
+        for path in bad:
+            assert str(path) in str(error.value)
 
 
 def test_missing_image_folder(tmp_path):

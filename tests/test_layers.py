@@ -12,7 +12,8 @@ import pytest
 from attention_reference import reference_attention, reference_block_attention
 from flax import nnx
 
-from sasa_jax.layers import AttentionStem, SelfAttention2D, sinusoidal_2d
+from sasa_jax.layers import SelfAttention2D, StemAttention, sinusoidal_2d
+from sasa_jax.models import AttentionStem, block_max
 
 
 def _params(module) -> int:
@@ -33,8 +34,12 @@ def _x(shape, seed=0):
     ],
 )
 def test_layer_shapes(shape, strides, window, expected):
-    layer = SelfAttention2D(16, 32, strides=strides, window=window, rngs=nnx.Rngs(0))
-    chex.assert_shape(layer(_x(shape)), expected)
+    layer = nnx.eval_shape(
+        lambda: SelfAttention2D(16, 32, strides=strides, window=window, rngs=nnx.Rngs(0))
+    )
+    graphdef, state = nnx.split(layer)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    chex.assert_shape(jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x), expected)
 
 
 @pytest.mark.parametrize(
@@ -48,7 +53,9 @@ def test_layer_shapes(shape, strides, window, expected):
     ],
 )
 def test_layer_parameter_count(positional, logits, expected):
-    layer = SelfAttention2D(64, 128, positional=positional, logits=logits, rngs=nnx.Rngs(0))
+    layer = nnx.eval_shape(
+        lambda: SelfAttention2D(64, 128, positional=positional, logits=logits, rngs=nnx.Rngs(0))
+    )
     assert _params(layer) == expected
 
 
@@ -122,6 +129,22 @@ def test_absolute_adds_a_sinusoid_to_the_keys():
     assert not np.allclose(none(x), absolute(x), atol=1e-3)
 
 
+def test_qr_layer_passes_no_keys_to_the_op(monkeypatch):
+    """logits="qr" does no q·k work: the op gets ``k=None`` (its q·r-only contract, checked
+    against the reference in test_attention.py)."""
+    import sasa_jax.layers
+
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append(k)
+        return v if not kwargs.get("return_weights") else (v, None)
+
+    monkeypatch.setattr(sasa_jax.layers, "local_attention", spy)
+    SelfAttention2D(8, 16, window=3, num_heads=2, logits="qr", rngs=nnx.Rngs(0))(_x((1, 5, 5, 8)))
+    assert seen == [None]
+
+
 @pytest.mark.parametrize("logits, key_content_matters", [("qk+qr", True), ("qr", False)])
 def test_qr_logits_ignore_key_content(logits, key_content_matters):
     layer = SelfAttention2D(8, 16, window=3, num_heads=2, logits=logits, rngs=nnx.Rngs(0))
@@ -169,12 +192,22 @@ def test_layer_wrong_input_channels():
 
 
 def test_stem_maps_224_to_56():
-    stem = AttentionStem(rngs=nnx.Rngs(0))
-    chex.assert_shape(stem(jnp.ones((1, 224, 224, 3))), (1, 56, 56, 64))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: AttentionStem(rngs=nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    out = jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x)
+    chex.assert_shape(out, (1, 56, 56, 64))
+
+
+def test_stem_is_attention_norm_relu_and_block_max():
+    stem = AttentionStem(3, 16, num_heads=2, rngs=nnx.Rngs(2))
+    x = _x((2, 8, 8, 3))
+    y = nnx.relu(stem.norm(stem.attention(x)))
+    expected = np.asarray(y).reshape(2, 2, 4, 2, 4, 16).max(axis=(2, 4))
+    chex.assert_trees_all_close(stem(x), expected, atol=1e-6)
 
 
 def test_stem_spatially_aware_attention_matches_hand_computation():
-    stem = AttentionStem(3, 16, num_heads=2, num_mixtures=3, rngs=nnx.Rngs(2))
+    stem = StemAttention(3, 16, num_heads=2, num_mixtures=3, rngs=nnx.Rngs(2))
     x = _x((2, 8, 8, 3))
     # eq. 9: p(a, b, m) from absolute positions inside the tile, shared across heads.
     emb_row, emb_col = stem.emb_row[...], stem.emb_col[...]
@@ -190,17 +223,17 @@ def test_stem_spatially_aware_attention_matches_hand_computation():
     expected, _ = reference_block_attention(
         q, k, v.reshape(2, 8, 8, 2, 8), stem.rel_row[...], stem.rel_col[...], 4
     )
-    chex.assert_trees_all_close(stem.attend(x), expected.reshape(2, 8, 8, 16), atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(stem(x), expected.reshape(2, 8, 8, 16), atol=1e-4, rtol=1e-4)
     p = stem.mixture_weights()
     chex.assert_shape(p, (4, 4, 3))
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
 
 
 def test_stem_queries_never_see_other_tiles():
-    stem = AttentionStem(3, 16, num_heads=2, values="stand_alone", rngs=nnx.Rngs(0))
+    stem = StemAttention(3, 16, num_heads=2, values="stand_alone", rngs=nnx.Rngs(0))
     x = _x((1, 8, 8, 3))
-    y = stem.attend(x)
-    y_changed = stem.attend(x.at[0, 4:, :].add(5.0))  # change only the bottom tiles
+    y = stem(x)
+    y_changed = stem(x.at[0, 4:, :].add(5.0))  # change only the bottom tiles
     np.testing.assert_allclose(y[0, :4], y_changed[0, :4], atol=1e-6)
     assert not np.allclose(y[0, 4:], y_changed[0, 4:], atol=1e-3)
 
@@ -214,27 +247,40 @@ def test_stem_queries_never_see_other_tiles():
     ],
 )
 def test_stem_parameter_counts(values, extra):
-    stem = AttentionStem(values=values, rngs=nnx.Rngs(0))
+    stem = nnx.eval_shape(lambda: AttentionStem(values=values, rngs=nnx.Rngs(0)))
     shared = 2 * 3 * 64 + 2 * 7 * 8 + 2 * 64  # W_Q, W_K, rel tables, BN scale and bias
     assert _params(stem) == shared + extra
 
 
 def test_stem_bad_arguments():
     with pytest.raises(ValueError, match="values"):
-        AttentionStem(values="conv", rngs=nnx.Rngs(0))
+        StemAttention(values="conv", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="divisible by block"):
-        AttentionStem(rngs=nnx.Rngs(0))(jnp.zeros((1, 10, 8, 3)))
+        StemAttention(rngs=nnx.Rngs(0))(jnp.zeros((1, 10, 8, 3)))
 
 
-def test_stem_block_max_is_max_pool():
+def test_block_max_is_max_pool():
     """The stem's pooling (a reshape and a max) gives max_pool's numbers and, without ties,
     its gradient."""
-    from sasa_jax.layers import _block_max
-
     x = _x((2, 16, 12, 5))
     pool = functools.partial(nnx.max_pool, window_shape=(4, 4), strides=(4, 4))
-    np.testing.assert_array_equal(_block_max(x, 4), pool(x))
+    np.testing.assert_array_equal(block_max(x, 4), pool(x))
     weights = jnp.arange(5.0)
-    grad = jax.grad(lambda x: jnp.sum(_block_max(x, 4) * weights))(x)
+    grad = jax.grad(lambda x: jnp.sum(block_max(x, 4) * weights))(x)
     ref_grad = jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
     np.testing.assert_array_equal(grad, ref_grad)
+
+
+def test_layers_import_nothing_of_models_training_or_parallelism():
+    """layers.py depends downward only (DESIGN.md): importing it loads neither the models,
+    the trainer, nor the device-ordered reductions."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sasa_jax.layers; "
+        "print([m for m in ('sasa_jax.parallel', 'sasa_jax.norm', 'sasa_jax.models', "
+        "'sasa_jax.train_lib', 'sasa_jax.train_steps') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

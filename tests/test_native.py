@@ -14,15 +14,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import sasa_jax
-from sasa_jax.attention import axis_window, native
+from sasa_jax.attention import axis_window, native, native_build
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(code: str, **env: str) -> str:
     """Runs ``code`` in a fresh Python with extra environment variables; returns its stdout."""
+    if "XLA_FLAGS" in env:  # keep the suite's own flags
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {env['XLA_FLAGS']}"
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**os.environ, **env},
@@ -37,26 +40,31 @@ def _run(code: str, **env: str) -> str:
 
 def test_kernel_builds_with_this_machines_compiler():
     """CI and the development machines have a C++ compiler: the kernel must build there, or
-    every test of it would silently drop out of the parametrised suites."""
-    assert native.library() is not None, "the native kernel did not build (see the warning)"
+    every test of it would silently fall back to "tiled"."""
+    assert native_build.library() is not None, "the kernel did not build (see the warning)"
     assert "native" in sasa_jax.attention_implementations("cpu")
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_reused(tmp_path):
-    """The first use compiles into the cache directory; a second process loads that file."""
+    """The first use compiles into the cache directory; a second process loads that file.
+    (An unoptimised -O0 build: the flags are part of the cache key, so it is a build of its
+    own, and it takes a quarter of the time.)"""
     code = """
         import jax.numpy as jnp, sasa_jax
         q = jnp.ones((1, 5, 5, 2, 4))
         print(float(sasa_jax.local_attention(q, q, q, window=3, implementation="native").sum()))
     """
-    first = _run(code, SASA_JAX_CACHE=str(tmp_path))
+    env = dict(SASA_JAX_CACHE=str(tmp_path), SASA_JAX_CXXFLAGS="-O0")
+    first = _run(code, **env)
     built = sorted(tmp_path.glob("sasa_cpu_kernel_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    second = _run(code, SASA_JAX_CACHE=str(tmp_path))
+    load = "from sasa_jax.attention import native_build; print(native_build.library() is not None)"
+    assert _run(load, **env).strip() == "True"
     assert sorted(tmp_path.glob("sasa_cpu_kernel_*.so")) == built
     assert built[0].stat().st_mtime_ns == stamp
-    assert first == second
+    assert float(first) == 200.0  # all-ones values: every output is 1
     assert not list(tmp_path.glob("tmp*")), "a temporary build directory was left behind"
 
 
@@ -100,12 +108,27 @@ def test_same_bits_for_any_number_of_threads(monkeypatch):
     np.testing.assert_array_equal(results[0], results[2])
 
 
-def test_row_span_counts_the_rows_dilation_keeps_alive():
-    """A 7-row image, window 3, dilation 2: query row 1 reaches rows 1 and 3 only (row -1 is
-    outside), but row 2 still reaches row 0, so rows 0..4 are live while row 2 runs."""
-    assert native.row_span(axis_window(7, 3, 2, "mask")) == 5
-    assert native.row_span(axis_window(56, 7, 1, "mask")) == 7
-    assert native.row_span(axis_window(9, 4, 1, "clamp")) == 4
+def _workspace(batch, size, heads, dim, window=7, workers=2, backward=False):
+    win = axis_window(size, window, 1, "mask")
+    geometry = native.Geometry(win.spec, win.spec, True, True, workers)
+    return native.workspace_shape(
+        geometry, (batch, size, size, heads, dim), dim, (window, window), backward
+    )
+
+
+def test_the_kernel_sizes_its_scratch_and_splits_its_work_over_every_worker():
+    """The workspace shape comes from the kernel (one slot per worker that gets items): at
+    every ResNet-50 stage, batch 8, the forward and backward passes use every worker, the 7x7
+    stage included, on 2 cores as on 16."""
+    for size, dim in ((56, 8), (28, 16), (14, 32), (7, 64)):
+        for workers in (2, 16):
+            forward = _workspace(8, size, 8, dim, workers=workers)[0]
+            backward = _workspace(8, size, 8, dim, workers=workers, backward=True)[0]
+            assert forward == workers, (size, workers)
+            # The backward pass splits no image: 8 images x 8 heads are 8 lane groups.
+            assert backward == min(workers, 8), (size, workers)
+    # The scratch grows with the rows a window keeps alive: 7 rows at window 7, 3 at 3.
+    assert _workspace(1, 14, 8, 8, window=7)[1] > _workspace(1, 14, 8, 8, window=3)[1]
 
 
 def test_batch_sharded_jit_runs_each_devices_images():

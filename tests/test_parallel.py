@@ -1,4 +1,5 @@
-"""Ordered cross-device means against numpy, and their gradients against lax.pmean's."""
+"""Ordered cross-device means against numpy, their gradients against lax.pmean's, and the
+trainer's batch norm with device-ordered statistics against flax's on the whole batch."""
 
 from __future__ import annotations
 
@@ -60,6 +61,39 @@ SCRIPT = textwrap.dedent(
     for g1, g2 in zip(got, want):
         np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
     assert float(np.abs(np.asarray(got[0])).max()) > 0
+
+    # The trainer's batch norm, per device under shard_map with device-ordered statistics,
+    # against flax's on the whole batch in one device: outputs, running statistics and the
+    # gradients of input, scale and offset.
+    from flax import nnx
+    from sasa_jax.norm import BatchNorm, set_batch_axis
+
+    images = rng.standard_normal((n * 2, 3, 3, 5)).astype(np.float32) * 2 + 1
+    ordered = BatchNorm(5, momentum=0.5, rngs=nnx.Rngs(0))
+    set_batch_axis(ordered, "d")
+    plain = nnx.BatchNorm(5, momentum=0.5, rngs=nnx.Rngs(0))
+
+    def norm_step(graphdef, state, x, axis=None):
+        module = nnx.merge(graphdef, state)
+
+        def f(module, x):
+            return jnp.sum(jnp.sin(module(x)) * x)
+
+        g_module, g_x = nnx.grad(f, argnums=(0, 1))(module, x)
+        g_params = nnx.state(g_module, nnx.Param)
+        if axis:  # each device holds its share of the parameters' gradient
+            g_params = jax.lax.psum(g_params, axis)
+        return nnx.state(module, nnx.BatchStat), g_params, g_x
+
+    g_o, s_o = nnx.split(ordered)
+    per_device = jax.shard_map(
+        lambda s, x: norm_step(g_o, s, x, "d"), mesh=mesh, in_specs=(P(), P("d")),
+        out_specs=(P(), P(), P("d")), check_vma=False)
+    got = jax.jit(per_device)(s_o, images)
+    g_p, s_p = nnx.split(plain)
+    want = jax.jit(lambda s, x: norm_step(g_p, s, x))(s_p, images)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     print("ok")
     """
 )
@@ -69,7 +103,7 @@ def test_ordered_means_match_numpy_and_pmean_gradients():
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
     }
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300

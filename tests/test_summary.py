@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -11,8 +12,7 @@ import sys
 import pytest
 from flax import nnx
 
-from sasa_jax import config_lib
-from sasa_jax.layers import AttentionStem, SelfAttention2D
+from sasa_jax.layers import SelfAttention2D, StemAttention
 from sasa_jax.summary import module_flops, summarize_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_qr_layer_flops_drop_key_projection_and_qk():
 
 
 def test_attention_stem_flops():
-    stem = AttentionStem(3, 64, num_mixtures=4, rngs=nnx.Rngs(0))
+    stem = StemAttention(3, 64, num_mixtures=4, rngs=nnx.Rngs(0))
     pixels = 224 * 224
     qk_proj = 2 * 2 * pixels * 3 * 64
     attention = 2 * 2 * pixels * 16 * 64
@@ -63,8 +63,8 @@ def test_attention_stem_flops():
     computed = (
         qk_proj + 2 * 16 * 4 * 3 * 64 + 2 * pixels * 3 * 64 + attention + 2 * pixels * 14 * 32
     )
-    assert module_flops(stem, 224, 224) == (paper, 56, 56)
-    assert module_flops(stem, 224, 224, "computed") == (computed, 56, 56)
+    assert module_flops(stem, 224, 224) == (paper, 224, 224)
+    assert module_flops(stem, 224, 224, "computed") == (computed, 224, 224)
 
 
 TABLE_1 = {  # (depth, variant): (GFLOPs, params in millions)
@@ -81,18 +81,30 @@ TABLE_1 = {  # (depth, variant): (GFLOPs, params in millions)
 PRINTED_AS = {38: 14.17}  # the paper prints ResNet-38 attention's 14.17M as 14.1
 
 
-@pytest.mark.parametrize("row", list(TABLE_1), ids=lambda r: f"{r[0]}-{r[1]}")
+# The ResNet-26 rows are in the quick set (-m "not slow"); the deeper ones are marked slow.
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param(row, id=f"{row[0]}-{row[1]}", marks=() if row[0] == 26 else pytest.mark.slow)
+        for row in TABLE_1
+    ],
+)
 def test_table_1(row):
     depth, variant = row
     paper_gflops, paper_params = TABLE_1[row]
     if variant != "baseline":
         paper_params = PRINTED_AS.get(depth, paper_params)
     result = summarize_config(_imagenet_config(f"depth={depth},variant={variant}"))
+    # The README's claim: every row within 2% of the paper's FLOPs and 0.1M of its params.
     assert abs(result["params"] / 1e6 - paper_params) <= 0.1
-    assert abs(result["flops"] / 1e9 - paper_gflops) / paper_gflops <= 0.06
+    assert abs(result["flops"] / 1e9 - paper_gflops) / paper_gflops <= 0.02
 
 
-def test_summary_command_json():
+def test_summary_command_json_builds_no_kernel(tmp_path):
+    """The command's JSON line, and it neither compiles nor loads the C++ kernel: an empty
+    SASA_JAX_CACHE stays empty."""
+    cache = tmp_path / "kernel_cache"
+    cache.mkdir()
     proc = subprocess.run(
         [
             sys.executable,
@@ -105,25 +117,11 @@ def test_summary_command_json():
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "SASA_JAX_CACHE": str(cache)},
     )
+    assert list(cache.iterdir()) == []
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert isinstance(result["params"], int) and isinstance(result["flops"], int)
     assert set(result["stages"]) == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
-    assert sum(s["params"] for s in result["stages"].values()) == result["params"]
-    assert sum(s["flops"] for s in result["stages"].values()) == result["flops"]
+    assert abs(result["params"] / 1e6 - 10.3) <= 0.1  # Table 1, ResNet-26 full attention
     assert "stage4" in proc.stdout
-
-
-def test_config_argument_and_overrides():
-    config = _imagenet_config("depth=38,variant=full_attention,window=9,stages=34,width=0.5")
-    assert (config.model.depth, config.model.variant, config.model.window) == (
-        38,
-        "full_attention",
-        9,
-    )
-    assert config.model.attention_stages == "34" and config.model.width_multiplier == 0.5
-    assert config.batch_size == 4096 and config.ema_decay == 0.9999
-    with pytest.raises(ValueError, match="unknown config argument"):
-        _imagenet_config("depht=50")
-    with pytest.raises(ValueError, match="key=value"):
-        config_lib.parse_arg("depth")

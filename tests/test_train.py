@@ -1,4 +1,11 @@
-"""The trainer end to end: train.py runs, resumes, scales over devices and processes."""
+"""The trainer: train.py runs, resumes, refuses another run's workdir, stops on NaN, and gives
+the same numbers on any layout of devices and processes.
+
+Runs that need a fresh process (the command line, SIGTERM, simulated devices, several
+processes) run train.py; the others call ``train_lib`` in-process. Every one-device run trains
+the same compiled program (the learning rate is an argument of the step), so the suite's shared
+compilation cache compiles it once.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sasa_jax import train_lib
+from sasa_jax import train_lib, workdir
 from sasa_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,8 +38,10 @@ METRIC_KEYS = {
     "examples_per_sec",
 }
 
+pytestmark = pytest.mark.slow
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
@@ -42,11 +51,12 @@ def _train_command(workdir, *overrides, config="configs/digits.py"):
 
 
 def _env(tfds_dir, devices=1):
+    flags = os.environ.get("XLA_FLAGS", "")
     return {
         **os.environ,
         "TFDS_DATA_DIR": tfds_dir,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}",
     }
 
 
@@ -72,31 +82,31 @@ def _train_losses(workdir):
     return [r["train_loss"] for r in read_metrics(workdir) if "train_loss" in r]
 
 
-SHORT = (
-    "--config.num_train_steps=4",
-    "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=2",
-)
+def _config(path, arg=None):
+    spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
-def test_digits_end_to_end(tmp_path, tfds_dir):
-    proc = _run(tmp_path, tfds_dir, *SHORT)
-    records = read_metrics(tmp_path)
-    assert all("step" in r for r in records)
-    assert METRIC_KEYS <= set().union(*records)
-    final = _final_eval(tmp_path)
-    assert final["step"] == 4 and final["eval_examples"] == 360
-    assert 0.0 <= final["eval_top1"] <= final["eval_top5"] <= 1.0
-    assert list(tmp_path.glob("events.out.tfevents.*")), "no TensorBoard event file"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "2",
-        "4",
-    ]
-    assert "step 4/4" in proc.stdout and "img/s" in proc.stdout and "ETA" in proc.stdout
-    # Running the same command again finds the finished run and does no more steps.
-    again = _run(tmp_path, tfds_dir, *SHORT)
-    assert "step 1/4" not in again.stdout
-    assert len(read_metrics(tmp_path)) == len(records)
+def test_workdir_that_is_a_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        train_lib.train_and_evaluate(_config("configs/digits.py"), str(path))
+
+
+def test_resume_check_allows_only_run_length_and_speed_fields(tmp_path):
+    config = _config("configs/digits.py")
+    workdir.save_config(config, tmp_path, num_classes=10)
+    with config.unlocked():
+        config.num_train_steps, config.log_every_steps, config.num_threads = 900, 7, 1
+    assert len(workdir.resume_changes(config, tmp_path)) == 3
+    for field, value in (("seed", 3), ("dataset", "image_folder"), ("batch_size", 32)):
+        changed = _config("configs/digits.py")
+        changed[field] = value
+        with pytest.raises(ValueError, match=f"{field}: "):
+            workdir.resume_changes(changed, tmp_path)
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):
@@ -111,77 +121,39 @@ def _wait_for_step(workdir, step, proc, timeout=300):
     return False
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, tfds_dir):
-    steps = (
-        "--config.num_train_steps=30",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=1000",
-        "--config.eval_every_steps=1000",
-    )
-    _run(tmp_path / "whole", tfds_dir, *steps)
-    interrupted = tmp_path / "interrupted"
+# The digits runs below train 10 steps. Two processes of 2 devices must log the very same 10
+# losses as one process of 4: the cross-device means add in device order (sasa_jax.parallel)
+# and train.py gives every layout the same XLA thread pool. (test_parallel.py checks the
+# ordered means and batch norm against XLA's own all-reduces.) Layouts with other per-device
+# shapes (1 device against 4) round differently inside XLA's kernels, and early training
+# amplifies 1-ulp differences (ReLU and max-pool gradients switch on them), so those compare
+# their first 5 losses.
+STEPS = (
+    "--config.num_train_steps=10",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=5",
+    "--config.eval_every_steps=1000",
+)
+COMPARED = 5
+
+
+def _sigterm_then_resume(workdir, tfds_dir, devices):
+    """A run stopped with SIGTERM after step 3 and started again with the same command."""
     proc = subprocess.Popen(
-        _train_command(interrupted, *steps),
+        _train_command(workdir, *STEPS),
         cwd=ROOT,
-        env=_env(tfds_dir),
+        env=_env(tfds_dir, devices),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert _wait_for_step(interrupted, 5, proc), "the run ended before it could be interrupted"
+    assert _wait_for_step(workdir, 3, proc), "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped at step" in out
-    stopped = max(r["step"] for r in read_metrics(interrupted))
-    assert 5 <= stopped < 30
-    _run(interrupted, tfds_dir, *steps)
-    whole, resumed = _final_eval(tmp_path / "whole"), _final_eval(interrupted)
-    assert resumed["step"] == whole["step"] == 30
-    assert abs(resumed["eval_top1"] - whole["eval_top1"]) <= 1e-6
-    assert abs(resumed["eval_loss"] - whole["eval_loss"]) <= 1e-6
-    np.testing.assert_allclose(
-        _train_losses(interrupted)[-5:], _train_losses(tmp_path / "whole")[-5:], rtol=1e-6
-    )
-
-
-# Device-layout comparisons run the 20-step schedule of the acceptance check. Two processes of 2
-# devices must log the very same 20 losses as one process of 4: the cross-device means add in
-# device order (sasa_jax.parallel) and train.py gives every layout the same XLA thread pool.
-# Layouts with other per-device shapes (1 device against 4) round differently inside XLA's
-# kernels, and early training amplifies 1-ulp differences (ReLU and max-pool gradients switch
-# on them), so those compare their first 6 losses.
-LAYOUT_STEPS = (
-    "--config.num_train_steps=20",
-    "--config.log_every_steps=1",
-    "--config.checkpoint_every_steps=1000",
-    "--config.eval_every_steps=1000",
-)
-COMPARED = 6
-
-
-@pytest.fixture(scope="module")
-def four_devices(tmp_path_factory, tfds_dir):
-    workdir = tmp_path_factory.mktemp("four")
-    proc = _run(workdir, tfds_dir, *LAYOUT_STEPS, devices=4)
-    assert "4 devices in 1 processes" in proc.stdout
-    return _train_losses(workdir)
-
-
-def test_four_simulated_devices_match_one(tmp_path, tfds_dir, four_devices):
-    _run(tmp_path, tfds_dir, *LAYOUT_STEPS)
-    np.testing.assert_allclose(
-        four_devices[:COMPARED], _train_losses(tmp_path)[:COMPARED], rtol=1e-5
-    )
-
-
-def test_xla_all_reduces_agree_with_the_ordered_means(tmp_path, tfds_dir, four_devices):
-    # The plain jax.jit path (XLA's SPMD partitioner, flax's BatchNorm, no shard_map) is an
-    # independent reference for the ordered means and the ordered batch norm's gradients.
-    _run(tmp_path, tfds_dir, *LAYOUT_STEPS, "--config.deterministic_reductions=False", devices=4)
-    np.testing.assert_allclose(
-        _train_losses(tmp_path)[:COMPARED], four_devices[:COMPARED], rtol=1e-5
-    )
+    assert 3 <= max(r["step"] for r in read_metrics(workdir)) < 10
+    _run(workdir, tfds_dir, *STEPS, devices=devices)
 
 
 def _free_port() -> int:
@@ -190,13 +162,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, tfds_dir, four_devices):
+def _two_processes(workdir, tfds_dir):
+    """Two processes of 2 simulated devices each, as one run; returns process 0's output."""
     port = _free_port()
     procs = [
         subprocess.Popen(
             _train_command(
-                tmp_path,
-                *LAYOUT_STEPS,
+                workdir,
+                *STEPS,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -212,39 +185,79 @@ def test_two_processes_match_one_process(tmp_path, tfds_dir, four_devices):
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert "4 devices in 2 processes" in outputs[0][0]
     assert "step " not in outputs[1][0]  # only the primary process reports progress
-    losses = _train_losses(tmp_path)
-    assert len(losses) == len(four_devices) == 20
-    np.testing.assert_array_equal(losses, four_devices)
-    data_files = sorted(p.name for p in (tmp_path / "checkpoints" / "20" / "data").glob("*.json"))
-    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    return outputs[0][0]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir):
-    proc = _run(
-        tmp_path,
-        tfds_dir,
-        "--config.num_train_steps=40",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=1",
-        "--config.base_learning_rate=1e30",
-        "--config.warmup_epochs=0",
-        check=False,
+def _check_a_whole_run(workdir, stdout):
+    records = read_metrics(workdir)
+    assert all("step" in r for r in records)
+    assert METRIC_KEYS <= set().union(*records)
+    final = _final_eval(workdir)
+    assert final["step"] == 10 and final["eval_examples"] == 360
+    assert 0.0 <= final["eval_top1"] <= final["eval_top5"] <= 1.0
+    assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert checkpoints == ["10", "5"]
+    assert "step 10/10" in stdout and "img/s" in stdout and "ETA" in stdout
+
+
+def _check_refusal_then_more_steps(workdir, tfds_dir):
+    """Another model in the workdir: one short error naming the field, before any compile.
+    More steps: the run goes on from step 10 (one line says so), its records add to the
+    first run's."""
+    other = _run(workdir, tfds_dir, *STEPS, "--config.model.width_multiplier=0.5", check=False)
+    assert other.returncode == 2
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.width_multiplier: 0.25 there, 0.5 here" in lines[0]
+    assert "new --workdir" in lines[0] and "Traceback" not in other.stderr
+    records = read_metrics(workdir)
+    more = _run(workdir, tfds_dir, *STEPS[1:], "--config.num_train_steps=12")
+    assert "resuming with num_train_steps changed from 10 to 12" in more.stdout
+    assert "steps 11..12" in more.stdout
+    steps = [r["step"] for r in read_metrics(workdir)]
+    assert steps[: len(records)] == [r["step"] for r in records]
+    assert _final_eval(workdir)["step"] == 12
+
+
+def test_digits_runs_resume_refuse_and_agree_on_every_layout(tmp_path, tfds_dir):
+    """One test, so that the runs it compares are made once: 1 device; 1 process of 4 devices
+    stopped with SIGTERM and resumed; 2 processes of 2 devices; then the 1-device workdir
+    refuses another model and resumes with more steps."""
+    one, four, two = (tmp_path / name for name in ("one", "four", "two"))
+    _check_a_whole_run(one, _run(one, tfds_dir, *STEPS).stdout)
+    # 4 devices, stopped and resumed: the same training as 1 device, up to rounding.
+    _sigterm_then_resume(four, tfds_dir, devices=4)
+    np.testing.assert_allclose(
+        _train_losses(four)[:COMPARED], _train_losses(one)[:COMPARED], rtol=1e-5
     )
-    assert proc.returncode != 0
-    assert "NaN or Inf" in proc.stderr and "FloatingPointError" in proc.stderr
+    # 2 processes of 2 devices, uninterrupted: the very same bits as the resumed 4 devices.
+    assert "4 devices in 2 processes" in _two_processes(two, tfds_dir)
+    losses = _train_losses(two)
+    assert len(losses) == 10
+    np.testing.assert_array_equal(losses, _train_losses(four))
+    # Eval adds its per-batch sums on the host, in another order over 2 processes.
+    resumed, whole = _final_eval(four), _final_eval(two)
+    assert resumed["eval_top1"] == whole["eval_top1"]
+    assert abs(resumed["eval_loss"] - whole["eval_loss"]) <= 1e-6
+    data_files = sorted(p.name for p in (two / "checkpoints" / "10" / "data").glob("*.json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    _check_refusal_then_more_steps(one, tfds_dir)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", tfds_dir)
+    config = _config("configs/digits.py")
+    config.num_train_steps = 20
+    config.log_every_steps = config.checkpoint_every_steps = 1
+    config.base_learning_rate = 1e30
+    config.warmup_epochs = 0
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     logged = [r for r in read_metrics(tmp_path) if "train_loss" in r]
     assert saved and all(math.isfinite(r["train_loss"]) for r in logged if r["step"] in saved)
-    assert max(saved) < 40
-
-
-def _config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    assert max(saved) < 20
 
 
 @pytest.mark.parametrize(
@@ -274,7 +287,7 @@ def test_unknown_variant_is_a_config_error():
 
 def test_batch_that_does_not_divide_over_devices_fails_before_compiling(tmp_path, tfds_dir):
     proc = _run(tmp_path, tfds_dir, "--config.batch_size=66", devices=4, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert (
         "config.batch_size (66) must be a positive multiple of the number of devices (4)"
         in proc.stderr
