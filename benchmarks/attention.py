@@ -2,14 +2,19 @@
 
 The layer is the Q/K/V projections plus ``local_attention`` (k=7, 8 heads, relative logits,
 border "mask"); the baseline is a bias-free 3x3 "SAME" convolution with the same in and out
-width. Both run fp32 at batch 8 on the four ResNet-50 stage shapes. Reported per shape and
-implementation: median step time, compiled temp memory (``memory_analysis()``), and both as
-ratios to the convolution. The convolution and each implementation are timed alternately,
-call by call, and the time ratio is the median of the per-call ratios: this machine's speed
-drifts by tens of percent over minutes, and timing them apart mixed that drift into the ratio.
+width, on the four ResNet-50 stage shapes. Defaults: batch 8 in float32 on CPU, batch 64 in
+bfloat16 on GPU and TPU. Reported per shape and implementation: median step time, compiled
+temp memory (``memory_analysis()``), both as ratios to the convolution, and on a known
+accelerator the layer's roofline (``roofline.py``: its FLOPs, the fewest bytes it must move,
+and the time those take at the device's peak). The convolution and each implementation are
+timed alternately, call by call, and the time ratio is the median of the per-call ratios: a
+machine's speed drifts over minutes, and timing them apart mixes that drift into the ratio.
+``--stem`` times the attention stem (``block_attention`` on 4x4 blocks, 224x224x64, 4 heads)
+the same way against the 7x7 stride-2 conv stem's convolution.
 
-    python benchmarks/attention.py                       # all stages, all implementations
-    python benchmarks/attention.py --shapes 56x64 --implementations gather --json
+    python benchmarks/attention.py                       # all stages, every implementation
+    python benchmarks/attention.py --shapes 56x64 --implementations native --json
+    python benchmarks/attention.py --batch 64 --dtype bfloat16 --implementations pallas --stem
 """
 
 from __future__ import annotations
@@ -22,24 +27,19 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import roofline
 from flax import nnx
 
 import sasa_jax
-from sasa_jax.layers import SelfAttention2D
+from sasa_jax.layers import SelfAttention2D, StemAttention
 
 STAGES = ("56x64", "28x128", "14x256", "7x512")
+ON_CPU = jax.default_backend() == "cpu"
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
     size, width = text.split("x")
     return int(size), int(width)
-
-
-def _conv_loss(params, x):
-    y = jax.lax.conv_general_dilated(
-        x, params, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    return jnp.sum(y**2)
 
 
 def _compiled_step(loss, params, x):
@@ -60,32 +60,69 @@ def _timer(compiled, params, x) -> Callable[[], float]:
     return once
 
 
-def conv_step(size: int, width: int, batch: int) -> dict:
-    """The 3x3 convolution's fwd+bwd: ``{"time": timer, "temp_bytes", "forward_flops"}``."""
+def conv_step(size: int, width: int, batch: int, dtype, kernel=3, stride=1, cin=None) -> dict:
+    """The convolution's fwd+bwd: ``{"time": timer, "temp_bytes", "forward_flops"}``."""
+    cin = cin or width
     key_w, key_x = jax.random.split(jax.random.key(0))
-    params = jax.random.normal(key_w, (3, 3, width, width)) * (9 * width) ** -0.5
-    x = jax.random.normal(key_x, (batch, size, size, width))
-    compiled, temp = _compiled_step(_conv_loss, params, x)
-    flops = 2 * 9 * width * width * size * size * batch
+    params = jax.random.normal(key_w, (kernel, kernel, cin, width)) * (kernel**2 * cin) ** -0.5
+    x = jax.random.normal(key_x, (batch, size, size, cin), dtype)
+
+    def loss(params, x):
+        y = jax.lax.conv_general_dilated(
+            x,
+            params.astype(dtype),
+            (stride, stride),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    compiled, temp = _compiled_step(loss, params, x)
+    out = size // stride
+    flops = 2 * kernel**2 * cin * width * out * out * batch
     return {"time": _timer(compiled, params, x), "temp_bytes": int(temp), "forward_flops": flops}
 
 
-def attention_step(size: int, width: int, batch: int, implementation: str) -> dict:
-    """The SASA layer's fwd+bwd, as ``conv_step``."""
-    layer = SelfAttention2D(
-        width, width, window=7, num_heads=8, implementation=implementation, rngs=nnx.Rngs(0)
-    )
+def _layer_step(layer, x) -> tuple:
     graphdef, params = nnx.split(layer)
-    x = jax.random.normal(jax.random.key(1), (batch, size, size, width))
 
     def loss(params, x):
-        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+        return jnp.sum(nnx.merge(graphdef, params)(x).astype(jnp.float32) ** 2)
 
     compiled, temp = _compiled_step(loss, params, x)
+    count = sum(p.size for p in jax.tree.leaves(params))
+    return _timer(compiled, params, x), int(temp), count
+
+
+def attention_step(size: int, width: int, batch: int, implementation: str, dtype) -> dict:
+    """The SASA layer's fwd+bwd, as ``conv_step``, with its roofline on a known device."""
+    layer = SelfAttention2D(
+        width,
+        width,
+        window=7,
+        num_heads=8,
+        implementation=implementation,
+        dtype=dtype,
+        rngs=nnx.Rngs(0),
+    )
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, width), dtype)
+    timer, temp, params = _layer_step(layer, x)
     head = width // 8
     pixels = batch * size * size
     flops = 2 * pixels * (3 * width * width + 49 * 8 * (2 * head) + 8 * 7 * 2 * (head // 2))
-    return {"time": _timer(compiled, params, x), "temp_bytes": int(temp), "forward_flops": flops}
+    bound = roofline.bound(3 * flops, roofline.layer_bytes(pixels, width, params, dtype), dtype)
+    return {"time": timer, "temp_bytes": temp, "forward_flops": flops, "roofline": bound}
+
+
+def stem_step(batch: int, implementation: str, dtype) -> dict:
+    """The attention stem's attention (224x224, 3 -> 64 channels, 4x4 blocks) fwd+bwd."""
+    layer = StemAttention(3, 64, implementation=implementation, dtype=dtype, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (batch, 224, 224, 3), dtype)
+    timer, temp, params = _layer_step(layer, x)
+    pixels = batch * 224 * 224
+    flops = 2 * pixels * (3 * 3 * 64 + 2 * 16 * 64 + 2 * 7 * 16)
+    bound = roofline.bound(3 * flops, roofline.layer_bytes(pixels, 64, params, dtype), dtype)
+    return {"time": timer, "temp_bytes": temp, "forward_flops": flops, "roofline": bound}
 
 
 def time_pair(conv: dict, att: dict, repeats: int) -> tuple[float, float, float]:
@@ -99,47 +136,67 @@ def time_pair(conv: dict, att: dict, repeats: int) -> tuple[float, float, float]
     return float(np.median(conv_times)), float(np.median(att_times)), float(np.median(ratios))
 
 
+def _row(shape: str, impl: str, conv: dict, att: dict, repeats: int) -> dict:
+    conv_s, att_s, ratio = time_pair(conv, att, repeats)
+    row = {
+        "shape": shape,
+        "implementation": impl,
+        "conv_ms": 1e3 * conv_s,
+        "attention_ms": 1e3 * att_s,
+        "time_ratio": ratio,
+        "conv_temp_mib": conv["temp_bytes"] / 2**20,
+        "attention_temp_mib": att["temp_bytes"] / 2**20,
+        "temp_ratio": att["temp_bytes"] / max(conv["temp_bytes"], 1),
+        "flops_ratio": att["forward_flops"] / conv["forward_flops"],
+        "roofline": att["roofline"],
+    }
+    line = (
+        f"{shape:>14} {impl:>8}: conv {row['conv_ms']:8.2f} ms, attention "
+        f"{row['attention_ms']:8.2f} ms ({ratio:5.2f}x); temp {row['conv_temp_mib']:7.1f} vs "
+        f"{row['attention_temp_mib']:8.1f} MiB ({row['temp_ratio']:5.1f}x); FLOPs "
+        f"{row['flops_ratio']:.2f}x"
+    )
+    if att["roofline"]:
+        r = att["roofline"]
+        line += (
+            f"; roofline {r['flops'] / 1e9:.1f} GFLOP, {r['bytes'] / 2**20:.0f} MiB -> "
+            f"{1e3 * r['seconds']:.3f} ms ({r['limit']}), attention at "
+            f"{r['seconds'] / att_s:.0%} of it"
+        )
+    print(line, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(STAGES), help="SIZExWIDTH stage shapes")
     parser.add_argument(
         "--implementations", nargs="+", default=sasa_jax.attention_implementations()
     )
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8 if ON_CPU else 64)
+    parser.add_argument(
+        "--dtype", default="float32" if ON_CPU else "bfloat16", choices=["float32", "bfloat16"]
+    )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--stem", action="store_true", help="also time the attention stem")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
 
     rows = []
     for shape in args.shapes:
         size, width = _parse_shape(shape)
-        conv = conv_step(size, width, args.batch)
+        conv = conv_step(size, width, args.batch, dtype)
         for impl in args.implementations:
-            att = attention_step(size, width, args.batch, impl)
-            conv_s, att_s, ratio = time_pair(conv, att, args.repeats)
-            rows.append(
-                {
-                    "shape": f"{size}x{size}x{width}",
-                    "implementation": impl,
-                    "conv_ms": 1e3 * conv_s,
-                    "attention_ms": 1e3 * att_s,
-                    "time_ratio": ratio,
-                    "conv_temp_mib": conv["temp_bytes"] / 2**20,
-                    "attention_temp_mib": att["temp_bytes"] / 2**20,
-                    "temp_ratio": att["temp_bytes"] / max(conv["temp_bytes"], 1),
-                    "flops_ratio": att["forward_flops"] / conv["forward_flops"],
-                }
-            )
-            r = rows[-1]
-            print(
-                f"{r['shape']:>12} {impl:>10}: conv {r['conv_ms']:8.1f} ms, "
-                f"attention {r['attention_ms']:8.1f} ms ({r['time_ratio']:5.1f}x); temp "
-                f"{r['conv_temp_mib']:7.1f} vs {r['attention_temp_mib']:8.1f} MiB "
-                f"({r['temp_ratio']:5.1f}x); FLOPs {r['flops_ratio']:.2f}x",
-                flush=True,
-            )
+            att = attention_step(size, width, args.batch, impl, dtype)
+            rows.append(_row(f"{size}x{size}x{width}", impl, conv, att, args.repeats))
+    if args.stem:
+        conv = conv_step(224, 64, args.batch, dtype, kernel=7, stride=2, cin=3)
+        for impl in args.implementations:
+            att = stem_step(args.batch, impl, dtype)
+            rows.append(_row("stem 224x224", impl, conv, att, args.repeats))
     if args.json:
-        print(json.dumps({"backend": jax.default_backend(), "batch": args.batch, "rows": rows}))
+        print(json.dumps({**roofline.run_header(args.batch, args.dtype), "rows": rows}))
 
 
 if __name__ == "__main__":

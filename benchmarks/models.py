@@ -1,8 +1,10 @@
 """Training-step time and memory: conv ResNets against attention ResNets at 224x224.
 
 One step is the forward and backward pass of softmax cross-entropy in train mode (batch-norm
-statistics updated), fp32, jitted; no optimizer update. Reported per model: median step time,
-compiled temp memory (``memory_analysis()``), and ratios to the first model (the baseline).
+statistics updated), jitted; no optimizer update. Defaults: batch 8 in float32 on CPU, batch
+64 in bfloat16 compute (float32 parameters) on GPU and TPU. Reported per model: median step
+time, compiled temp memory (``memory_analysis()``), and ratios to the first model (the
+baseline).
 
     python benchmarks/models.py                              # R50 baseline vs full attention
     python benchmarks/models.py --batch 2 --models 50:baseline 50:full_attention 26:full_attention
@@ -16,8 +18,10 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+import roofline
 from flax import nnx
 
 from sasa_jax.models import ModelSpec, build_model
@@ -40,12 +44,12 @@ def step_fn(graphdef):
 
 
 def measure(
-    depth: int, variant: str, batch: int, size: int, implementation: str, repeats: int
+    depth: int, variant: str, batch: int, size: int, implementation: str, repeats: int, dtype
 ) -> dict:
     spec = ModelSpec(depth=depth, variant=variant, implementation=implementation)
-    model = build_model(spec, rngs=nnx.Rngs(0))
+    model = build_model(spec, rngs=nnx.Rngs(0), dtype=dtype)
     graphdef, state = nnx.split(model)
-    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+    images = jax.random.normal(jax.random.key(1), (batch, size, size, 3), dtype)
     labels = jax.random.randint(jax.random.key(2), (batch,), 0, 1000)
     step = step_fn(graphdef)
     compiled = step.lower(state, images, labels).compile()
@@ -74,7 +78,11 @@ def main() -> None:
         default=["50:baseline", "50:full_attention"],
         help="DEPTH:VARIANT; the first is the baseline of the ratios",
     )
-    parser.add_argument("--batch", type=int, default=8)
+    on_cpu = jax.default_backend() == "cpu"
+    parser.add_argument("--batch", type=int, default=8 if on_cpu else 64)
+    parser.add_argument(
+        "--dtype", default="float32" if on_cpu else "bfloat16", choices=["float32", "bfloat16"]
+    )
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--implementation", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
@@ -84,7 +92,13 @@ def main() -> None:
     for name in args.models:
         depth, variant = name.split(":")
         row = measure(
-            int(depth), variant, args.batch, args.image_size, args.implementation, args.repeats
+            int(depth),
+            variant,
+            args.batch,
+            args.image_size,
+            args.implementation,
+            args.repeats,
+            jnp.dtype(args.dtype),
         )
         row["time_ratio"] = row["step_seconds"] / (rows[0] if rows else row)["step_seconds"]
         row["temp_ratio"] = row["temp_bytes"] / (rows[0] if rows else row)["temp_bytes"]
@@ -100,8 +114,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "backend": jax.default_backend(),
-                    "batch": args.batch,
+                    **roofline.run_header(args.batch, args.dtype),
                     "image_size": args.image_size,
                     "implementation": args.implementation,
                     "rows": rows,
