@@ -387,6 +387,19 @@ class ModelSpec:
         return tuple(sorted({int(c) for c in text}))
 
 
+def spec_attention(spec: ModelSpec, **dtypes: Any) -> SpatialFactory:
+    """The factory of the SASA layers ``spec`` describes (window, heads, logits, ...)."""
+    return attention(
+        window=spec.window,
+        num_heads=spec.num_heads,
+        positional=spec.positional,
+        logits=spec.logits,
+        border=spec.border,
+        implementation=spec.implementation,
+        **dtypes,
+    )
+
+
 def build_model(
     spec: ModelSpec,
     *,
@@ -399,15 +412,7 @@ def build_model(
     norm = Norm(spec.bn_momentum, spec.bn_epsilon, dtype, param_dtype, batch_norm)
     dtypes = dict(dtype=dtype, param_dtype=param_dtype)
     attention_stages = spec.resolved_attention_stages()
-    sasa = attention(
-        window=spec.window,
-        num_heads=spec.num_heads,
-        positional=spec.positional,
-        logits=spec.logits,
-        border=spec.border,
-        implementation=spec.implementation,
-        **dtypes,
-    )
+    sasa = spec_attention(spec, **dtypes)
     conv = functools.partial(conv3x3, **dtypes)
     spatial = [sasa if stage in attention_stages else conv for stage in (1, 2, 3, 4)]
     if spec.resolved_stem() == "attention":

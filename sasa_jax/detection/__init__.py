@@ -1,6 +1,6 @@
 """Object detection (RetinaNet, the paper's Table 2): anchors, box coding, anchor matching,
-losses and static-shape post-processing. The detector, its data and its training build on
-these (work in progress: the modules here are the pieces with no model in them)."""
+losses, static-shape NMS, the FPN and heads (``fpn.py``, ``heads.py``) and the model
+(``retinanet.py``). Its data, training, eval and summary are not built yet."""
 
 from sasa_jax.detection.anchors import AnchorSpec, anchor_boxes
 from sasa_jax.detection.boxes import decode, encode, pairwise_iou

@@ -1,0 +1,75 @@
+"""RetinaNet's class and box heads, shared across pyramid levels.
+
+Each head is ``depth`` (4) spatial layers of ``width`` channels with ReLU, then an output
+layer: a 3x3 convolution in conv heads, a pointwise (1x1) one in attention heads (the paper:
+"the final layer of the class and box heads is a pointwise convolution"). The class output's
+bias starts at ``-log((1 - prior) / prior)`` so every anchor begins at probability ``prior``
+(0.01). Attention heads draw their value projections from N(0, 0.01) (the paper's rule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sasa_jax.layers import SelfAttention2D
+from sasa_jax.models import Conv1x1
+
+Array = jax.Array
+
+
+def _output_layer(width: int, out: int, pointwise: bool, bias: float, rngs, **dtypes):
+    init = dict(bias_init=jax.nn.initializers.constant(bias))
+    kernel = dict(kernel_init=jax.nn.initializers.normal(0.01))
+    if pointwise:
+        return Conv1x1(width, out, use_bias=True, rngs=rngs, **init, **kernel, **dtypes)
+    return nnx.Conv(width, out, (3, 3), padding="SAME", rngs=rngs, **init, **kernel, **dtypes)
+
+
+class Head(nnx.Module):
+    """``[b, h, w, width] -> [b, h * w * anchors, outputs_per_anchor]`` for one level."""
+
+    def __init__(
+        self,
+        width: int,
+        anchors: int,
+        outputs_per_anchor: int,
+        *,
+        spatial: Callable[..., nnx.Module],
+        pointwise_output: bool,
+        depth: int = 4,
+        bias: float = 0.0,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if depth < 0 or anchors < 1 or outputs_per_anchor < 1:
+            raise ValueError("a head needs depth >= 0, at least one anchor and one output")
+        self.outputs_per_anchor = outputs_per_anchor
+        self.layers = nnx.List([spatial(width, width, strides=1, rngs=rngs) for _ in range(depth)])
+        for layer in self.layers:
+            if isinstance(layer, SelfAttention2D):
+                shape = layer.value.kernel[...].shape
+                layer.value.kernel[...] = 0.01 * jax.random.normal(rngs.params(), shape)
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.output = _output_layer(
+            width, anchors * outputs_per_anchor, pointwise_output, bias, rngs, **dtypes
+        )
+
+    def __call__(self, x: Array) -> Array:
+        for layer in self.layers:
+            x = jax.nn.relu(layer(x))
+        y = self.output(x)
+        return y.reshape(y.shape[0], -1, self.outputs_per_anchor)
+
+
+def class_prior_bias(prior: float = 0.01) -> float:
+    """The class output's initial bias: sigmoid(bias) == prior."""
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"the class prior must be in (0, 1), got {prior}")
+    return -math.log((1 - prior) / prior)

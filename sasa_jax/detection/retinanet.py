@@ -1,0 +1,118 @@
+"""RetinaNet: a classification ResNet's features, an FPN, and shared class and box heads."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sasa_jax.detection.anchors import AnchorSpec
+from sasa_jax.detection.fpn import FPN
+from sasa_jax.detection.heads import Head, class_prior_bias
+from sasa_jax.models import (
+    EXPANSION,
+    STAGE_WIDTHS,
+    ModelSpec,
+    _scaled,
+    build_model,
+    spec_attention,
+)
+
+Array = jax.Array
+HEAD_KINDS = ("conv", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """A RetinaNet: the backbone's ``ModelSpec`` (its classifier is not used), whether the
+    FPN and heads are convolutions or SASA layers, and the pyramid's settings."""
+
+    backbone: ModelSpec = ModelSpec()
+    heads: str = "conv"
+    num_classes: int = 80
+    width: int = 256
+    head_depth: int = 4
+    p6_from: str = "p5"
+    anchors: AnchorSpec = AnchorSpec()
+
+    def __post_init__(self):
+        if self.heads not in HEAD_KINDS:
+            raise ValueError(f"heads must be one of {HEAD_KINDS}, got {self.heads!r}")
+        if self.num_classes < 1 or self.width < 1:
+            raise ValueError("a detector needs at least one class and a positive FPN width")
+        if (self.anchors.min_level, self.anchors.max_level) != (3, 7):
+            raise ValueError("the FPN makes levels P3-P7: AnchorSpec must use levels 3..7")
+
+
+def _conv3x3_bias(in_features, out_features, *, strides, rngs, **dtypes):
+    return nnx.Conv(
+        in_features, out_features, (3, 3), strides=strides, padding="SAME", rngs=rngs, **dtypes
+    )
+
+
+def _spatial(spec: DetectorSpec, dtypes: dict[str, Any]):
+    """The FPN's and heads' spatial layer: a 3x3 convolution with bias, or the backbone
+    spec's SASA layer."""
+    if spec.heads == "conv":
+        return functools.partial(_conv3x3_bias, **dtypes)
+    return spec_attention(spec.backbone, **dtypes)
+
+
+class RetinaNet(nnx.Module):
+    """``[b, h, w, 3] -> (class logits [b, N, classes], box deltas [b, N, 4])``, N anchors
+    in ``anchor_boxes``'s order (level, then position, then anchor)."""
+
+    def __init__(
+        self,
+        spec: DetectorSpec,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        batch_norm: type[nnx.BatchNorm] = nnx.BatchNorm,
+    ):
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        resnet = build_model(spec.backbone, rngs=rngs, batch_norm=batch_norm, **dtypes)
+        self.stem, self.stages = resnet.stem, resnet.stages  # not its classifier
+        widths = [_scaled(w, spec.backbone.width_multiplier) * EXPANSION for w in STAGE_WIDTHS]
+        spatial = _spatial(spec, dtypes)
+        self.fpn = FPN(
+            tuple(widths[1:]),
+            spatial=spatial,
+            width=spec.width,
+            p6_from=spec.p6_from,
+            rngs=rngs,
+            **dtypes,
+        )
+        head = functools.partial(
+            Head,
+            spec.width,
+            spec.anchors.per_position,
+            spatial=spatial,
+            pointwise_output=spec.heads == "attention",
+            depth=spec.head_depth,
+            rngs=rngs,
+            **dtypes,
+        )
+        self.class_head = head(spec.num_classes, bias=class_prior_bias(0.01))
+        self.box_head = head(4)
+
+    def features(self, x: Array) -> dict[str, Array]:
+        """The backbone's ``c2``..``c5``."""
+        y, out = self.stem(x), {}
+        for index, stage in enumerate(self.stages):
+            for block in stage:
+                y = block(y)
+            out[f"c{index + 2}"] = y
+        return out
+
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        pyramid = self.fpn(self.features(x))
+        levels = [pyramid[f"p{level}"] for level in range(3, 8)]
+        logits = jnp.concatenate([self.class_head(p) for p in levels], axis=1)
+        boxes = jnp.concatenate([self.box_head(p) for p in levels], axis=1)
+        return logits.astype(jnp.float32), boxes.astype(jnp.float32)

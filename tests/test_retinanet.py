@@ -1,0 +1,73 @@
+"""RetinaNet's model: parameter counts of the standard construction, output shapes matching
+the anchors, the paper's rules for attention FPN and heads, and the initial class prior."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasa_jax.detection import AnchorSpec, anchor_boxes
+from sasa_jax.detection.retinanet import DetectorSpec, RetinaNet
+from sasa_jax.layers import SelfAttention2D
+from sasa_jax.models import Conv1x1, ModelSpec
+
+
+def _params(module) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _abstract(**spec):
+    return nnx.eval_shape(lambda: RetinaNet(DetectorSpec(**spec), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("p6_from, millions", [("p5", 33.84), ("c5", 37.97)])
+def test_resnet50_retinanet_has_the_standard_parameter_count(p6_from, millions):
+    """The standard construction at 80 classes (torchvision/Detectron's RetinaNet): 33.84M
+    parameters with P6 from P5, 37.97M from C5 (../shared/PAPER.md, counted independently)."""
+    model = _abstract(backbone=ModelSpec(depth=50), p6_from=p6_from)
+    assert round(_params(model) / 1e6, 2) == millions
+
+
+TINY = ModelSpec(depth=26, width_multiplier=0.25, window=3, variant="full_attention")
+
+
+@pytest.mark.parametrize("heads", ["conv", "attention"])
+def test_outputs_line_up_with_the_anchors(heads):
+    spec = DetectorSpec(backbone=TINY, heads=heads, num_classes=3, width=32, head_depth=1)
+    model = nnx.eval_shape(lambda: RetinaNet(spec, rngs=nnx.Rngs(0)))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((2, 96, 128, 3), jnp.float32)
+    logits, boxes = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+    n = anchor_boxes((96, 128), AnchorSpec()).shape[0]
+    assert logits.shape == (2, n, 3) and boxes.shape == (2, n, 4)
+
+
+def test_attention_fpn_and_heads_follow_the_paper():
+    """Every 3x3 layer of the FPN and heads is attention, the outputs pointwise, values ~
+    N(0, 0.01) in the heads; the class output starts every anchor at probability 0.01."""
+    spec = DetectorSpec(backbone=TINY, heads="attention", num_classes=5, width=64)
+    model = RetinaNet(spec, rngs=nnx.Rngs(0))
+    fpn = model.fpn
+    assert all(isinstance(m, SelfAttention2D) for m in [*fpn.outputs, fpn.p6, fpn.p7])
+    for head in (model.class_head, model.box_head):
+        assert len(head.layers) == 4 and isinstance(head.output, Conv1x1)
+        for layer in head.layers:
+            assert isinstance(layer, SelfAttention2D)
+            assert 0.008 < float(jnp.std(layer.value.kernel[...])) < 0.012
+    np.testing.assert_allclose(jax.nn.sigmoid(model.class_head.output.bias[...]), 0.01, rtol=1e-5)
+    conv = nnx.eval_shape(lambda: RetinaNet(DetectorSpec(backbone=TINY), rngs=nnx.Rngs(0)))
+    assert isinstance(conv.class_head.output, nnx.Conv)
+    assert conv.class_head.output.kernel.shape[:2] == (3, 3)
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="heads"):
+        DetectorSpec(heads="transformer")
+    with pytest.raises(ValueError, match="levels 3..7"):
+        DetectorSpec(anchors=AnchorSpec(min_level=2))
+    with pytest.raises(ValueError, match="p6_from"):
+        RetinaNet(DetectorSpec(backbone=TINY, p6_from="p4"), rngs=nnx.Rngs(0))
