@@ -187,3 +187,70 @@ def test_nms_against_python(n, max_outputs, threshold):
     np.testing.assert_array_equal(np.asarray(indices)[: len(want)], want)
     assert not np.asarray(valid)[len(want) :].any()
     assert indices.shape == (max_outputs,)
+
+
+def _detect_py(logits, deltas, anchors, size, threshold, pre_nms, max_det, iou):
+    boxes = np.clip(np.asarray(decode(deltas, anchors)), 0, [size[0], size[1]] * 2)
+    scores = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    found = []
+    for c in range(logits.shape[1]):
+        s = np.where(scores[:, c] > threshold, scores[:, c], -np.inf)
+        top = sorted(range(len(s)), key=lambda i: (-s[i], i))[:pre_nms]
+        kept = _nms_py(boxes[top], s[top], max_det, iou)
+        found += [(-s[top][k], c, rank, top[k]) for rank, k in enumerate(kept)]
+    found.sort()
+    return [(c, a) for _, c, _, a in found[:max_det]], boxes
+
+
+@pytest.mark.parametrize("pre_nms", [6, 15])  # 6 cuts each class's candidates, 15 does not
+def test_detect_against_python(pre_nms):
+    """Score threshold, per-class top-k and NMS, then the best over all classes."""
+    from sasa_jax.detection.postprocess import detect
+
+    rng = np.random.default_rng(7)
+    anchors = _random_boxes(rng, 6)[rng.integers(0, 6, 40)] + rng.uniform(-3, 3, (40, 4))
+    anchors = anchors.astype(np.float32)
+    logits = rng.normal(-2, 2, (2, 40, 3)).astype(np.float32)
+    deltas = rng.normal(0, 0.1, (2, 40, 4)).astype(np.float32)
+    settings = dict(score_threshold=0.3, pre_nms=pre_nms, max_detections=30, iou_threshold=0.5)
+    got = jax.jit(lambda lg, d: detect(lg, d, anchors, (60, 70), **settings))(logits, deltas)
+    for i in range(2):
+        want, boxes = _detect_py(logits[i], deltas[i], anchors, (60, 70), *settings.values())
+        assert 0 < len(want) < 30  # the threshold and NMS decide, not the cap
+        valid = np.asarray(got["valid"][i])
+        assert valid.sum() == len(want) and not valid[len(want) :].any()
+        np.testing.assert_array_equal(got["classes"][i][: len(want)], [c for c, _ in want])
+        np.testing.assert_allclose(
+            got["boxes"][i][: len(want)], [boxes[a] for _, a in want], atol=1e-4
+        )
+        assert float(got["boxes"][i].max()) <= 70 and float(got["boxes"][i].min()) >= 0
+
+
+def test_targets_and_loss():
+    """Per-image matching and encoding; the loss is (focal + 50 * box) / positives."""
+    from sasa_jax.detection.targets import assign_targets, detection_loss
+
+    rng = np.random.default_rng(8)
+    anchors = _random_boxes(rng, 30)
+    boxes = np.stack([anchors[:3] + 1.0, np.zeros((3, 4), np.float32)])
+    classes = np.array([[0, 1, 2], [0, 0, 0]])
+    valid = np.array([[True, True, False], [False, False, False]])
+    labels, targets = assign_targets(anchors, boxes, classes, valid)
+    for i in range(2):
+        want, matched = _match_py(anchors, boxes[i], classes[i], valid[i])
+        np.testing.assert_array_equal(labels[i], want)
+        pos = want >= 0
+        np.testing.assert_allclose(
+            np.asarray(targets[i])[pos], encode(matched[pos], anchors[pos]), atol=1e-5
+        )
+    assert int((labels[1] >= 0).sum()) == 0
+    logits = rng.normal(0, 1, (2, 30, 3)).astype(np.float32)
+    deltas = rng.normal(0, 0.2, (2, 30, 4)).astype(np.float32)
+    loss, parts = detection_loss(logits, deltas, labels, targets)
+    positives = int((np.asarray(labels) >= 0).sum())
+    assert positives >= 2 and int(parts["positives"]) == positives
+    want = (focal_loss(logits, labels, 3) + 50 * box_loss(deltas, targets, labels)) / positives
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    # no positives at all: divided by 1, finite
+    none = jnp.full((1, 30), NEGATIVE)
+    assert np.isfinite(detection_loss(logits[:1], deltas[:1], none, targets[:1])[0])

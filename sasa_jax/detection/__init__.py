@@ -1,5 +1,6 @@
 """Object detection (RetinaNet, the paper's Table 2): anchors, box coding, anchor matching,
-losses, static-shape NMS, the FPN and heads (``fpn.py``, ``heads.py``) and the model
+losses and batch targets (``targets.py``), static-shape NMS and post-processing
+(``postprocess.py``), the FPN and heads (``fpn.py``, ``heads.py``) and the model
 (``retinanet.py``). Its data, training, eval and summary are not built yet."""
 
 from sasa_jax.detection.anchors import AnchorSpec, anchor_boxes
