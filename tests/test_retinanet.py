@@ -23,6 +23,7 @@ def _abstract(**spec):
     return nnx.eval_shape(lambda: RetinaNet(DetectorSpec(**spec), rngs=nnx.Rngs(0)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p6_from, millions", [("p5", 33.84), ("c5", 37.97)])
 def test_resnet50_retinanet_has_the_standard_parameter_count(p6_from, millions):
     """The standard construction at 80 classes (torchvision/Detectron's RetinaNet): 33.84M
@@ -46,6 +47,7 @@ def test_outputs_line_up_with_the_anchors(heads):
     assert logits.shape == (2, n, 3) and boxes.shape == (2, n, 4)
 
 
+@pytest.mark.slow
 def test_attention_fpn_and_heads_follow_the_paper():
     """Every 3x3 layer of the FPN and heads is attention, the outputs pointwise, values ~
     N(0, 0.01) in the heads; the class output starts every anchor at probability 0.01."""

@@ -81,11 +81,14 @@ TABLE_1 = {  # (depth, variant): (GFLOPs, params in millions)
 PRINTED_AS = {38: 14.17}  # the paper prints ResNet-38 attention's 14.17M as 14.1
 
 
-# The ResNet-26 rows are in the quick set (-m "not slow"); the deeper ones are marked slow.
+# One row is in the quick set (-m "not slow"); the others are marked slow.
+QUICK = (26, "full_attention")
+
+
 @pytest.mark.parametrize(
     "row",
     [
-        pytest.param(row, id=f"{row[0]}-{row[1]}", marks=() if row[0] == 26 else pytest.mark.slow)
+        pytest.param(row, id=f"{row[0]}-{row[1]}", marks=() if row == QUICK else pytest.mark.slow)
         for row in TABLE_1
     ],
 )
