@@ -233,7 +233,8 @@ class ResNet(nnx.Module):
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
       spatial: one spatial factory per stage (``conv3x3`` or ``attention(...)``).
       stem: factory ``stem(in_features, out_features, *, rngs)``.
-      num_classes: classifier outputs.
+      num_classes: classifier outputs; 0 builds no classifier (a detection backbone: only
+        ``features`` then).
       width_multiplier: scales the stem and stage widths (64, 128, 256, 512), as in Fig. 5.
       norm: batch-norm settings and the compute/parameter dtypes.
       zero_init_residual: zero-init the last BN scale of each block.
@@ -278,8 +279,12 @@ class ResNet(nnx.Module):
                 features = width * EXPANSION
             self.stages.append(stage)
         self.num_features = features
-        self.head = nnx.Linear(
-            features, num_classes, dtype=norm.dtype, param_dtype=norm.param_dtype, rngs=rngs
+        self.head = (
+            nnx.Linear(
+                features, num_classes, dtype=norm.dtype, param_dtype=norm.param_dtype, rngs=rngs
+            )
+            if num_classes
+            else None
         )
 
     def features(self, x: Array) -> dict[str, Array]:
@@ -295,6 +300,8 @@ class ResNet(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """``x: [batch, height, width, 3] -> logits [batch, num_classes]`` (float32)."""
+        if self.head is None:
+            raise ValueError("this ResNet was built without a classifier (num_classes=0)")
         y = self.features(x)[f"c{len(self.stages) + 1}"]
         return self.head(jnp.mean(y, axis=(1, 2))).astype(jnp.float32)
 

@@ -13,14 +13,7 @@ from flax import nnx
 from sasa_jax.detection.anchors import AnchorSpec
 from sasa_jax.detection.fpn import FPN
 from sasa_jax.detection.heads import Head, class_prior_bias
-from sasa_jax.models import (
-    EXPANSION,
-    STAGE_WIDTHS,
-    ModelSpec,
-    _scaled,
-    build_model,
-    spec_attention,
-)
+from sasa_jax.models import ModelSpec, build_model, spec_attention
 
 Array = jax.Array
 HEAD_KINDS = ("conv", "attention")
@@ -76,9 +69,9 @@ class RetinaNet(nnx.Module):
         batch_norm: type[nnx.BatchNorm] = nnx.BatchNorm,
     ):
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        resnet = build_model(spec.backbone, rngs=rngs, batch_norm=batch_norm, **dtypes)
-        self.stem, self.stages = resnet.stem, resnet.stages  # not its classifier
-        widths = [_scaled(w, spec.backbone.width_multiplier) * EXPANSION for w in STAGE_WIDTHS]
+        backbone = dataclasses.replace(spec.backbone, num_classes=0)  # no classifier
+        self.backbone = build_model(backbone, rngs=rngs, batch_norm=batch_norm, **dtypes)
+        widths = [stage[-1].conv3.out_features for stage in self.backbone.stages]
         spatial = _spatial(spec, dtypes)
         self.fpn = FPN(
             tuple(widths[1:]),
@@ -101,17 +94,8 @@ class RetinaNet(nnx.Module):
         self.class_head = head(spec.num_classes, bias=class_prior_bias(0.01))
         self.box_head = head(4)
 
-    def features(self, x: Array) -> dict[str, Array]:
-        """The backbone's ``c2``..``c5``."""
-        y, out = self.stem(x), {}
-        for index, stage in enumerate(self.stages):
-            for block in stage:
-                y = block(y)
-            out[f"c{index + 2}"] = y
-        return out
-
     def __call__(self, x: Array) -> tuple[Array, Array]:
-        pyramid = self.fpn(self.features(x))
+        pyramid = self.fpn(self.backbone.features(x))
         levels = [pyramid[f"p{level}"] for level in range(3, 8)]
         logits = jnp.concatenate([self.class_head(p) for p in levels], axis=1)
         boxes = jnp.concatenate([self.box_head(p) for p in levels], axis=1)
