@@ -10,10 +10,10 @@ use the paper's convention (``flops``); the "computed" column is what this code 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 
+from sasa_jax import config_lib
 from sasa_jax.summary import summarize_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,18 +77,10 @@ TITLES = {
 }
 
 
-def _load_get_config():
-    spec = importlib.util.spec_from_file_location("imagenet_config", ROOT / "configs/imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config
-
-
 def measure() -> list[dict]:
-    get_config = _load_get_config()
     rows = []
     for table, label, arg, paper_flops, paper_params in ROWS:
-        result = summarize_config(get_config(arg))
+        result = summarize_config(config_lib.from_file(ROOT / "configs/imagenet.py", arg))
         rows.append(
             {
                 "table": table,

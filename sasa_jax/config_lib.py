@@ -1,9 +1,12 @@
-"""Shared config pieces: the default config every config file derives from, and the parser
-for the ``--config=FILE:ARG`` argument string (``key=value,key=value``)."""
+"""Shared config pieces: the default config every config file derives from, the parser for
+the ``--config=FILE:ARG`` argument string (``key=value,key=value``), and loading a config
+file from Python."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import re
 from typing import Any
 
@@ -111,3 +114,14 @@ def apply_model_arg(config: ml_collections.ConfigDict, arg: str | None):
             raise ValueError(f"unknown config argument {key!r}; known: {known}")
         config.model[field] = parse_value(text, config.model[field], f"model.{field}")
     return config
+
+
+def from_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file at ``path`` (what ``--config=PATH:ARG`` gives
+    train.py), for notebooks, scripts and tests."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file at {path}")
+    spec = importlib.util.spec_from_file_location("sasa_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -13,10 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.from_file(ROOT / path, arg)
 
 
 def test_every_model_field_takes_its_own_type():

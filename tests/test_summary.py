@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,6 +11,7 @@ import sys
 import pytest
 from flax import nnx
 
+from sasa_jax import config_lib
 from sasa_jax.layers import SelfAttention2D, StemAttention
 from sasa_jax.summary import module_flops, summarize_config
 
@@ -19,10 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _imagenet_config(arg):
-    spec = importlib.util.spec_from_file_location("imagenet_cfg", ROOT / "configs/imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.from_file(ROOT / "configs/imagenet.py", arg)
 
 
 @pytest.mark.parametrize("strides, out", [(1, 10), (2, 5)])

@@ -9,7 +9,6 @@ compilation cache compiles it once.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import pathlib
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sasa_jax import train_lib, workdir
+from sasa_jax import config_lib, train_lib, workdir
 from sasa_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,10 +82,7 @@ def _train_losses(workdir):
 
 
 def _config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.from_file(ROOT / path, arg)
 
 
 def test_workdir_that_is_a_file_is_one_clear_error(tmp_path):

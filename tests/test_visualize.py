@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from sasa_jax import train_lib
+from sasa_jax import config_lib, train_lib
 from sasa_jax.models import ModelSpec, build_model
 from sasa_jax.visualize import (
     LayerMaps,
@@ -99,10 +98,7 @@ def test_visualize_a_tiny_trained_run(tmp_path, monkeypatch):
     """A 2-step digits run (in-process: the picture is the point), then its figure for an
     image file."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_lib.from_file(ROOT / "configs" / "digits.py")
     config.num_train_steps = 2
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
     own = tmp_path / "digit.png"
