@@ -108,8 +108,7 @@ def test_eval_counts_every_example_exactly_once(processes):
             data.eval_batches(
                 records,
                 batch_size=8,
-                image_size=8,
-                crop_fraction=1.0,
+                example=data.ClassificationEval(8, crop_fraction=1.0),
                 process_index=index,
                 process_count=processes,
             )
@@ -358,6 +357,8 @@ def test_mock_imagenet_through_the_real_pipeline(tmp_path, eval_split):
     assert ((batch["label"] >= 0) & (batch["label"] < 1000)).all()
     normalized = np.asarray(data.normalize(batch["image"]))
     assert -2.2 < normalized.min() < -1.5 and 2.0 < normalized.max() < 2.7
-    batches = list(data.eval_batches(splits.eval, batch_size=10, image_size=64))
+    batches = list(
+        data.eval_batches(splits.eval, batch_size=10, example=data.ClassificationEval(64))
+    )
     assert len(batches) == math.ceil(23 / 10)
     assert sum(int(b["mask"].sum()) for b in batches) == 23

@@ -1,11 +1,15 @@
 """Input pipelines: TFDS ``data_source`` (array_record) feeding Grain; no TensorFlow.
 
-``load_dataset`` opens a dataset by name (``digits``, ``imagenet2012``, ``image_folder``);
-``train_dataset`` and ``eval_batches`` turn its sources into batches; ``augment_from_config``
-reads the preprocessing settings of a config.
+``load_dataset`` opens a dataset by name (``digits``, ``imagenet2012``, ``image_folder``, and
+for detection ``digit_scenes``, ``coco``, ``coco_folder``); ``train_dataset`` and
+``eval_batches`` turn its sources into batches of an augmentation's or eval transform's
+examples (``TrainAugment`` / ``ClassificationEval``, ``DetectionAugment`` / ``DetectionEval``);
+``augment_from_config`` reads the classification preprocessing settings of a config.
 """
 
+from sasa_jax.data.detection_preprocess import DetectionAugment, DetectionEval
 from sasa_jax.data.pipeline import (
+    ClassificationEval,
     TrainIterator,
     eval_batches,
     eval_steps,
@@ -16,7 +20,7 @@ from sasa_jax.data.pipeline import (
     train_dataset,
 )
 from sasa_jax.data.preprocess import TrainAugment, eval_image, normalize, train_image
-from sasa_jax.data.sources import DATASETS, DatasetSplits, load_dataset
+from sasa_jax.data.sources import DATASETS, DETECTION_DATASETS, DatasetSplits, load_dataset
 
 
 def augment_from_config(config) -> TrainAugment:
@@ -35,6 +39,7 @@ def load_dataset_from_config(config) -> DatasetSplits:
         config.dataset,
         data_dir=config.data_dir or None,
         image_folder=config.image_folder,
+        coco_folder=config.get("coco_folder", ""),
         eval_split=config.eval_split,
         minival_percent=config.minival_percent,
     )
@@ -42,7 +47,11 @@ def load_dataset_from_config(config) -> DatasetSplits:
 
 __all__ = [
     "DATASETS",
+    "DETECTION_DATASETS",
+    "ClassificationEval",
     "DatasetSplits",
+    "DetectionAugment",
+    "DetectionEval",
     "TrainAugment",
     "TrainIterator",
     "augment_from_config",

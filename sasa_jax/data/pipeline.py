@@ -20,13 +20,13 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grain
 import jax
 import numpy as np
 
-from sasa_jax.data.preprocess import TrainAugment, eval_image, train_image
+from sasa_jax.data.preprocess import eval_image
 
 Batch = dict[str, np.ndarray]
 
@@ -52,27 +52,50 @@ def shard(records: Sequence, process_index: int, process_count: int) -> grain.Ma
     return grain.MapDataset.source(records)[process_index::process_count]
 
 
+class Augment(Protocol):
+    """What ``train_dataset`` needs of an augmentation: one training example of a record
+    (``TrainAugment`` for classification, ``DetectionAugment`` for detection)."""
+
+    def example(self, record: dict[str, Any], rng: np.random.Generator) -> Batch: ...
+
+
+class EvalExample(Protocol):
+    """What ``eval_batches`` needs: the eval example of record ``index``, and an empty
+    (``mask == False``) example for padding."""
+
+    def __call__(self, index: int, record: dict[str, Any]) -> Batch: ...
+
+    def empty(self) -> Batch: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class _TrainExample:
-    augment: TrainAugment
+    augment: Augment
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Batch:
-        return {
-            "image": train_image(record["image"], rng, self.augment),
-            "label": np.int32(record["label"]),
-        }
+        return self.augment.example(record, rng)
 
 
 @dataclasses.dataclass(frozen=True)
-class _EvalExample:
-    size: int
-    crop_fraction: float
+class ClassificationEval:
+    """The classification eval example: a centre crop, the label and ``mask``."""
 
-    def __call__(self, record: dict[str, Any]) -> Batch:
+    size: int
+    crop_fraction: float = 0.875
+
+    def __call__(self, index: int, record: dict[str, Any]) -> Batch:
+        del index
         return {
             "image": eval_image(record["image"], self.size, self.crop_fraction),
             "label": np.int32(record["label"]),
             "mask": np.bool_(True),
+        }
+
+    def empty(self) -> Batch:
+        return {
+            "image": np.zeros((self.size, self.size, 3), np.uint8),
+            "label": np.int32(0),
+            "mask": np.bool_(False),
         }
 
 
@@ -111,14 +134,15 @@ def train_dataset(
     records: Sequence,
     *,
     batch_size: int,
-    augment: TrainAugment,
+    augment: Augment,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
     num_threads: int = 2,
 ) -> grain.IterDataset:
-    """Endless training batches ``{"image": uint8 [b, s, s, 3], "label": int32 [b]}``.
+    """Endless training batches: ``augment``'s examples stacked, e.g. ``{"image": uint8
+    [b, s, s, 3], "label": int32 [b]}`` for ``TrainAugment``.
 
     ``batch_size`` is the per-process batch ``b``; the global batch is ``b * process_count``.
     ``num_workers > 0`` decodes in that many worker
@@ -134,6 +158,15 @@ def train_dataset(
     return _to_iter(ds, num_workers, num_threads)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Indexed:
+    records: Sequence
+    example: EvalExample
+
+    def __call__(self, index: int) -> Batch:
+        return self.example(int(index), self.records[int(index)])
+
+
 def eval_steps(num_examples: int, batch_size: int, process_count: int) -> int:
     """Eval batches every process runs: enough for the largest shard."""
     return math.ceil(math.ceil(num_examples / process_count) / batch_size)
@@ -143,19 +176,21 @@ def eval_batches(
     records: Sequence,
     *,
     batch_size: int,
-    image_size: int,
-    crop_fraction: float = 0.875,
+    example: EvalExample,
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
     num_threads: int = 2,
 ) -> Iterator[Batch]:
-    """Padded eval batches ``{"image", "label", "mask"}`` (``batch_size`` per process).
+    """Padded eval batches of ``example``'s examples (``batch_size`` per process), e.g.
+    ``{"image", "label", "mask"}`` for ``ClassificationEval``.
 
-    Padding rows have ``mask == False``. Every process yields ``eval_steps(...)`` batches.
+    ``example`` gets each record's position in ``records``. Padding rows are
+    ``example.empty()`` (``mask == False``). Every process yields ``eval_steps(...)`` batches.
     """
-    ds = shard(records, process_index, process_count)
-    ds = ds.map(_EvalExample(image_size, crop_fraction))
+    _check_process(process_index, process_count)
+    ds = grain.MapDataset.range(len(records))[process_index::process_count]
+    ds = ds.map(_Indexed(records, example))
     ds = ds.batch(
         batch_size,
         batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size),
@@ -166,11 +201,7 @@ def eval_batches(
         count += 1
         yield batch
     if count < steps:
-        empty = {
-            "image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-            "label": np.zeros((batch_size,), np.int32),
-            "mask": np.zeros((batch_size,), bool),
-        }
+        empty = jax.tree.map(lambda x: np.stack([x] * batch_size), example.empty())
         for _ in range(steps - count):
             yield empty
 

@@ -37,6 +37,14 @@ class TrainAugment:
     flip: bool = True
     attempts: int = 10
 
+    def example(self, record: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A classification training example: ``{"image": uint8 [size, size, 3], "label":
+        int32}``."""
+        return {
+            "image": train_image(record["image"], rng, self),
+            "label": np.int32(record["label"]),
+        }
+
 
 def sample_crop(
     width: int, height: int, rng: np.random.Generator, area_range, ratio_range, attempts: int = 10

@@ -1,12 +1,15 @@
 """Random-access sources (TFDS ``data_source``, array_record) for each dataset by name.
 
-Records are dicts with ``image`` (encoded bytes: images are not decoded here) and ``label``.
+Classification records are dicts with ``image`` (encoded bytes: images are not decoded here)
+and ``label``; detection records (``DETECTION_DATASETS``) have ``image`` and ``objects``
+(``detection_builders``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import shutil
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +17,19 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from sasa_jax.data.builders import SasaDigits, SasaImageFolder
+from sasa_jax.data.detection_builders import SasaCocoFolder, SasaDigitScenes
+from sasa_jax.data.errors import listing_error
 
-DATASETS = ("digits", "imagenet2012", "image_folder")
-DEFAULT_EVAL_SPLIT = {"digits": "test", "imagenet2012": "validation", "image_folder": "test"}
+DETECTION_DATASETS = ("digit_scenes", "coco", "coco_folder")
+DATASETS = ("digits", "imagenet2012", "image_folder", *DETECTION_DATASETS)
+DEFAULT_EVAL_SPLIT = {
+    "digits": "test",
+    "imagenet2012": "validation",
+    "image_folder": "test",
+    "digit_scenes": "test",
+    "coco": "validation",
+    "coco_folder": "validation",
+}
 NUM_CLASSES = {"digits": 10, "imagenet2012": 1000}
 SKIP_DECODING = {"image": tfds.decode.SkipDecoding()}
 
@@ -27,6 +40,13 @@ Prepare it once (this step needs TensorFlow: pip install -e ".[imagenet]"):
   2. Run:  tfds build imagenet2012 --data_dir={data_dir} --file_format=array_record
 Training reads it without TensorFlow. Set --config.data_dir (or TFDS_DATA_DIR) to point
 elsewhere."""
+
+COCO_HELP = """COCO 2017 is not prepared in array_record format under {data_dir}.
+Prepare it once (this step needs TensorFlow and downloads about 25 GB):
+  pip install -e ".[imagenet]"
+  tfds build coco/2017 --data_dir={data_dir} --file_format=array_record
+Training reads it without TensorFlow. Set --config.data_dir (or TFDS_DATA_DIR) to point
+elsewhere; for your own COCO-format folder use configs/coco_folder.py:DIR."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +59,7 @@ class DatasetSplits:
     num_classes: int
     train_split: str
     eval_split: str
+    class_names: tuple[str, ...] = ()
 
 
 def split_names(dataset: str, eval_split: str, minival_percent: int) -> tuple[str, str]:
@@ -60,19 +81,9 @@ def split_names(dataset: str, eval_split: str, minival_percent: int) -> tuple[st
     return "train", eval_split
 
 
-# At most this many unreadable files are named in the error (then how many more there are).
-LISTED_FILES = 20
-
-
 def _unreadable_error(unreadable: list) -> ValueError:
-    lines = [f"  {path}: {reason}" for path, reason in unreadable[:LISTED_FILES]]
-    if len(unreadable) > LISTED_FILES:
-        lines.append(f"  ... and {len(unreadable) - LISTED_FILES} more")
-    return ValueError(
-        f"{len(unreadable)} image file(s) cannot be read:\n"
-        + "\n".join(lines)
-        + "\nFix or remove them, then run again."
-    )
+    problems = [f"{path}: {reason}" for path, reason in unreadable]
+    return listing_error(f"{len(unreadable)} image file(s) cannot be used", problems)
 
 
 def _prepared_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
@@ -102,19 +113,65 @@ def _imagenet_sources(data_dir: str | None, splits: tuple[str, str]):
         raise FileNotFoundError(IMAGENET_HELP.format(data_dir=shown_dir)) from error
 
 
+def _class_names(info: tfds.core.DatasetInfo) -> tuple[str, ...]:
+    """The class names of a dataset's ``label`` (or ``objects/label``) feature."""
+    features = info.features
+    label = features["objects"]["label"] if "objects" in features else features["label"]
+    return tuple(label.names)
+
+
+def _coco_sources(data_dir: str | None, splits: tuple[str, str]):
+    """COCO 2017 prepared by ``tfds build``, read through its files (TFDS's own COCO builder
+    needs TensorFlow even to be constructed): ``((train, eval), class names)``."""
+    root = pathlib.Path(data_dir or os.path.expanduser("~/tensorflow_datasets")) / "coco" / "2017"
+    versions = sorted(root.glob("*/dataset_info.json"))
+    help = COCO_HELP.format(data_dir=data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)")
+    if not versions:
+        raise FileNotFoundError(help)
+    builder = tfds.builder_from_directory(str(versions[-1].parent))
+    try:
+        sources = builder.as_data_source(split=list(splits), decoders=SKIP_DECODING)
+    except (NotImplementedError, AssertionError, FileNotFoundError, ValueError) as error:
+        raise FileNotFoundError(help) from error
+    return sources, _class_names(builder.info)
+
+
+def _builder(dataset: str, data_dir: str | None, image_folder: str, coco_folder: str):
+    """The offline builder of a dataset that is built on first use."""
+    kwargs = dict(data_dir=data_dir, file_format="array_record")
+    if dataset == "digits":
+        return SasaDigits(**kwargs)
+    if dataset == "digit_scenes":
+        return SasaDigitScenes(**kwargs)
+    if dataset == "image_folder":
+        if not image_folder:
+            raise ValueError(
+                "dataset 'image_folder' needs config.image_folder, e.g. "
+                "--config=configs/image_folder.py:/path/to/images"
+            )
+        return SasaImageFolder(folder=image_folder, **kwargs)
+    if not coco_folder:
+        raise ValueError(
+            "dataset 'coco_folder' needs config.coco_folder, e.g. "
+            "--config=configs/coco_folder.py:/path/to/folder"
+        )
+    return SasaCocoFolder(folder=coco_folder, **kwargs)
+
+
 def load_dataset(
     dataset: str,
     *,
     data_dir: str | None = None,
     image_folder: str = "",
+    coco_folder: str = "",
     eval_split: str = "",
     minival_percent: int = 4,
 ) -> DatasetSplits:
     """Opens (building the offline datasets on first use) the train and eval sources.
 
     Raises:
-      ValueError: unknown dataset or split.
-      FileNotFoundError: ImageNet not prepared, or a missing image folder.
+      ValueError: unknown dataset or split, bad annotations or unreadable images.
+      FileNotFoundError: ImageNet or COCO not prepared, or a missing folder.
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -123,20 +180,19 @@ def load_dataset(
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
     if dataset == "imagenet2012":
         train, evaluation = _imagenet_sources(data_dir, splits)
-        num_classes = NUM_CLASSES[dataset]
+        class_names = tuple(str(i) for i in range(NUM_CLASSES[dataset]))
+    elif dataset == "coco":
+        (train, evaluation), class_names = _coco_sources(data_dir, splits)
     else:
-        if dataset == "digits":
-            builder = SasaDigits(data_dir=data_dir, file_format="array_record")
-        else:
-            if not image_folder:
-                raise ValueError(
-                    "dataset 'image_folder' needs config.image_folder, e.g. "
-                    "--config=configs/image_folder.py:/path/to/images"
-                )
-            builder = SasaImageFolder(
-                folder=image_folder, data_dir=data_dir, file_format="array_record"
+        builder = _builder(dataset, data_dir, image_folder, coco_folder)
+        if dataset == "coco_folder" and "validation" in splits[1] and not builder.has_val:
+            raise FileNotFoundError(
+                f"{coco_folder} has no annotations/instances_val.json; add a val split, or "
+                "hold out part of train with --config.eval_split=minival"
             )
         builder = _prepared_builder(builder)
         train, evaluation = builder.as_data_source(split=list(splits), decoders=SKIP_DECODING)
-        num_classes = builder.info.features["label"].num_classes
-    return DatasetSplits(dataset, train, evaluation, num_classes, *splits)
+        class_names = _class_names(builder.info)
+    return DatasetSplits(
+        dataset, train, evaluation, len(class_names), *splits, class_names=class_names
+    )
