@@ -42,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_train_steps = -1  # wins over num_epochs when > 0
     config.warmup_epochs = 10
     config.base_learning_rate = 0.1  # per 256 examples: lr = base * batch_size / 256
+    config.optimizer = "sgd"  # or "adamw" (then momentum and nesterov are unused)
     config.momentum = 0.9
     config.nesterov = True
     config.weight_decay = 1e-4
@@ -57,6 +58,46 @@ def default_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.seed = 0
     return config
+
+
+def detection_config() -> ml_collections.ConfigDict:
+    """``default_config`` plus the detection fields: ``config.detection`` (the RetinaNet,
+    its anchors, loss, augmentation and post-processing) and ``config.coco_folder``."""
+    config = default_config()
+    config.coco_folder = ""  # for dataset "coco_folder"
+    config.label_smoothing = 0.0  # not used by detection
+    config.detection = ml_collections.ConfigDict(
+        {
+            "heads": "conv",  # FPN and heads: "conv" or "attention"
+            "fpn_width": 256,
+            "head_depth": 4,
+            "p6_from": "p5",  # "p5" or "c5"
+            "head_norm": True,  # batch norm after each head layer, per level
+            "anchor_size": 4.0,  # base anchor side = anchor_size * stride (32 px at P3)
+            "max_boxes": 100,  # ground-truth boxes per image after padding
+            "box_weight": 50.0,  # Huber box loss weight (delta 0.1)
+            "scale_min": 0.8,  # multiscale jitter of the training images
+            "scale_max": 1.2,
+            "score_threshold": 0.05,
+            "pre_nms": 1000,  # best scores per class kept before NMS
+            "max_detections": 100,
+            "nms_iou": 0.5,
+        }
+    )
+    return config
+
+
+def apply_detection_arg(config: ml_collections.ConfigDict, arg: str | None):
+    """Like ``apply_model_arg``, but keys that name a ``config.detection`` field (``heads``,
+    ``fpn_width``, ``p6_from``, ...) set that field; the others are model fields."""
+    model_items = []
+    for key, text in parse_arg(arg).items():
+        if key in config.detection:
+            like = config.detection[key]
+            config.detection[key] = parse_value(text, like, f"detection.{key}")
+        else:
+            model_items.append(f"{key}={text}")
+    return apply_model_arg(config, ",".join(model_items))
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")

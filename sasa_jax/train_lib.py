@@ -19,20 +19,18 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sasa_jax import data
+from sasa_jax import data, tasks
 from sasa_jax import workdir as run_record
 from sasa_jax.checkpoints import Checkpointer
 from sasa_jax.metrics import MetricWriter, Progress
 from sasa_jax.models import ModelSpec
 from sasa_jax.norm import set_batch_axis
 from sasa_jax.train_steps import (
-    create_model,
     create_optimizer,
     create_train_state,
     eval_step,
@@ -62,6 +60,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ModelSpec.from_config(config.model)
     if config.dataset not in data.DATASETS:
         raise ValueError(f"config.dataset must be one of {data.DATASETS}, got {config.dataset!r}")
+    if config.dataset in data.DETECTION_DATASETS:
+        from sasa_jax.detection.task import check_detection_config
+
+        if "detection" not in config:
+            raise ValueError(
+                f"dataset {config.dataset!r} is for detection: derive the config from "
+                "config_lib.detection_config() (see configs/digits_detection.py)"
+            )
+        check_detection_config(config)
     devices = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
@@ -142,32 +149,26 @@ class _Stopper:
         return bool(np.any(flags))
 
 
-def evaluate(state, splits, config, *, eval_fn, batch_sharding) -> dict[str, float]:
-    """Top-1, top-5 and loss over the whole eval split, each example exactly once."""
+def evaluate(state, splits, config, *, task, eval_fn, batch_sharding) -> dict[str, float]:
+    """The task's metrics over the whole eval split, each example exactly once (top-1, top-5
+    and loss for classification; COCO AP for detection)."""
     per_process = data.per_process_batch(config.eval_batch_size, jax.process_count())
-    totals = None
-    for batch in data.eval_batches(
+    batches = data.eval_batches(
         splits.eval,
         batch_size=per_process,
-        image_size=config.image_size,
-        crop_fraction=config.eval_crop_fraction,
+        example=task.eval_example(),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_threads=config.num_threads,
-    ):
-        sums = eval_fn(state, data.to_global(batch, batch_sharding))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = {k: float(_host(v)) for k, v in totals.items()}
-    count = totals["count"]
-    return {
-        "eval_top1": totals["top1"] / count,
-        "eval_top5": totals["top5"] / count,
-        "eval_loss": totals["loss"] / count,
-        "eval_examples": int(count),
-    }
+    )
+    outputs = (
+        jax.tree.map(_host, eval_fn(state, data.to_global(batch, batch_sharding)))
+        for batch in batches
+    )
+    return task.summarize(outputs)
 
 
-def _compiled_train_step(config, graphdef, tx, num_classes, mesh, axis_name, batch_sharding):
+def _compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_sharding):
     """``step(state, batch, learning_rate) -> (state, metrics)``, jitted over the mesh (per
     device under ``shard_map`` with ``axis_name``); the state is donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -176,7 +177,7 @@ def _compiled_train_step(config, graphdef, tx, num_classes, mesh, axis_name, bat
         graphdef=graphdef,
         tx=tx,
         config=config,
-        num_classes=num_classes,
+        task=task,
         axis_name=axis_name,
     )
     if axis_name is not None:
@@ -210,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-    model = create_model(config, splits.num_classes, seed=config.seed)
+    task = tasks.make_task(config, splits.num_classes)
+    model = task.create_model(config.seed)
     axis_name = "data" if config.deterministic_reductions else None
     set_batch_axis(model, axis_name)
     schedule_fn = learning_rate_schedule(config, schedule.total_steps, schedule.warmup_steps)
@@ -218,13 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = create_optimizer(config)
     graphdef, eval_graph, state = create_train_state(model, tx, config)
     state = jax.device_put(state, replicated)
-    step_fn = _compiled_train_step(
-        config, graphdef, tx, splits.num_classes, mesh, axis_name, batch_sharding
-    )
+    step_fn = _compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_sharding)
     eval_fn = jax.jit(
-        functools.partial(
-            eval_step, graphdef=eval_graph, config=config, num_classes=splits.num_classes
-        ),
+        functools.partial(eval_step, graphdef=eval_graph, config=config, task=task),
         in_shardings=(replicated, batch_sharding),
         out_shardings=replicated,
     )
@@ -232,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dataset = data.train_dataset(
         splits.train,
         batch_size=data.per_process_batch(config.batch_size, jax.process_count()),
-        augment=data.augment_from_config(config),
+        augment=task.augment(),
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -287,17 +285,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 pause_start = time.perf_counter()
                 if step % schedule.eval_every == 0 or final:
                     results = evaluate(
-                        state, splits, config, eval_fn=eval_fn, batch_sharding=batch_sharding
+                        state,
+                        splits,
+                        config,
+                        task=task,
+                        eval_fn=eval_fn,
+                        batch_sharding=batch_sharding,
                     )
                     writer.write(step, results)
                     last = {**last, **results}
                     if primary:
-                        print(
-                            f"eval at step {step}: top-1 {results['eval_top1']:.4f}, "
-                            f"top-5 {results['eval_top5']:.4f}, loss "
-                            f"{results['eval_loss']:.4f}",
-                            flush=True,
-                        )
+                        print(f"eval at step {step}: {task.describe(results)}", flush=True)
                 if step % schedule.checkpoint_every == 0 or final or stop:
                     _check_finite(window["finite"], step, checkpointer)
                     checkpointer.save(step, state, batches)
@@ -328,7 +326,7 @@ def load_run(workdir: str):
         step = checkpointer.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        model = create_model(config, config.model.num_classes, seed=config.seed)
+        model = tasks.make_task(config, config.model.num_classes).create_model(config.seed)
         tx = create_optimizer(config)
         graphdef, eval_graph, state = create_train_state(model, tx, config)
         state = checkpointer.restore_state(step, state)

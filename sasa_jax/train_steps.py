@@ -1,9 +1,11 @@
-"""The train state, the model and optimiser a config asks for, and the train and eval steps.
+"""The train state, the optimiser a config asks for, and the train and eval steps.
 
 Following the flax ImageNet example: ``create_train_state``, ``train_step``, ``eval_step``.
-``train_step`` runs on a global batch (sharded by ``jax.jit`` over a mesh) or, with
-``axis_name``, per device inside ``shard_map``, where every cross-device mean (gradients, loss,
-batch-norm statistics) adds the devices' values in device order (``sasa_jax.parallel``).
+What is learned is a task's (``sasa_jax.tasks``): its model, its loss and its eval outputs;
+the steps here are the same for every task. ``train_step`` runs on a global batch (sharded by
+``jax.jit`` over a mesh) or, with ``axis_name``, per device inside ``shard_map``, where every
+cross-device mean (gradients, loss metrics, batch-norm statistics) adds the devices' values in
+device order (``sasa_jax.parallel``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ import optax
 from flax import nnx
 
 from sasa_jax import data, parallel
-from sasa_jax.models import ModelSpec, build_model
-from sasa_jax.norm import BatchNorm
 
 NO_DECAY = ("bias", "scale")  # batch-norm scales and offsets, and every bias
 
@@ -43,14 +43,6 @@ def compute_dtype(config) -> Any:
     return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
-def create_model(config, num_classes: int, *, seed: int = 0):
-    """The config's model, with batch norms whose cross-device statistics add in device
-    order (``sasa_jax.norm``; per-device statistics until ``set_batch_axis``)."""
-    spec = ModelSpec.from_config(config.model, num_classes=num_classes)
-    dtype = compute_dtype(config)
-    return build_model(spec, rngs=nnx.Rngs(seed), dtype=dtype, batch_norm=BatchNorm)
-
-
 def learning_rate_schedule(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to ``base * batch / 256``, then cosine decay to 0."""
     peak = config.base_learning_rate * config.batch_size / 256.0
@@ -71,11 +63,25 @@ def decay_mask(params: nnx.State) -> Any:
     )
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def create_optimizer(config) -> optax.GradientTransformation:
-    """SGD's direction: L2 weight decay (not on batch-norm scales and offsets or biases), then
-    (Nesterov) momentum. ``train_step`` scales it by the step's learning rate, which it takes
-    as an argument -- ``optax.sgd`` with the schedule, with the schedule computed on the host,
-    so the compiled step does not depend on the schedule's length or peak."""
+    """The update direction; ``train_step`` scales it by the step's learning rate, which it
+    takes as an argument, so the compiled step does not depend on the schedule.
+
+    ``config.optimizer``: ``"sgd"`` (the paper's): L2 weight decay (not on batch-norm scales
+    and offsets or biases), then (Nesterov) momentum -- ``optax.sgd`` with the schedule.
+    ``"adamw"``: Adam's direction plus decoupled weight decay on the same weights
+    (``optax.adamw``), for short runs from scratch.
+    """
+    kind = config.get("optimizer", "sgd")
+    if kind == "adamw":
+        return optax.chain(
+            optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
+        )
+    if kind != "sgd":
+        raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     return optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
         optax.trace(decay=config.momentum, nesterov=config.nesterov),
@@ -100,14 +106,6 @@ def create_train_state(model, tx: optax.GradientTransformation, config):
     return graphdef, eval_graph, state
 
 
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float
-) -> jax.Array:
-    """Per-example softmax cross-entropy with label smoothing, ``[batch]``."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def train_step(
     state: TrainState,
     batch: dict,
@@ -116,14 +114,15 @@ def train_step(
     graphdef,
     tx,
     config,
-    num_classes: int,
+    task,
     axis_name: str | None = None,
 ):
-    """One SGD step on a global batch at ``learning_rate`` (a float32 scalar); returns the new
-    state and scalar metrics.
+    """One SGD step on a global batch at ``learning_rate`` (a float32 scalar) of
+    ``task.loss``; returns the new state and the loss's scalar metrics (with ``loss`` and
+    ``finite``).
 
     With ``axis_name``, the step runs per device inside ``shard_map`` over that axis: ``batch``
-    is the device's shard, and the gradients, loss and accuracy are averaged over the axis in
+    is the device's shard, and the gradients and metrics are averaged over the axis in
     device order (``parallel.ordered_mean``). ``graphdef``'s batch norms must then average over
     the same axis (``set_batch_axis``).
     """
@@ -131,14 +130,12 @@ def train_step(
     images = data.normalize(batch["image"], dtype=compute_dtype(config))
 
     def loss_fn(model):
-        logits = model(images)
-        loss = cross_entropy(logits, batch["label"], num_classes, config.label_smoothing)
-        return loss.mean(), logits
+        return task.loss(model, images, batch)
 
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    metrics = {"loss": loss, **metrics}
     if axis_name is not None:
-        grads, loss, accuracy = parallel.ordered_mean((grads, loss, accuracy), axis_name)
+        grads, metrics = parallel.ordered_mean((grads, metrics), axis_name)
     direction, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(
         lambda p, d: p - (learning_rate * d).astype(p.dtype), state.params, direction
@@ -155,24 +152,11 @@ def train_step(
         opt_state=opt_state,
         ema_params=ema,
     )
-    metrics = {
-        "loss": loss,
-        "accuracy": accuracy,
-        "finite": jnp.isfinite(loss),
-    }
-    return new_state, metrics
+    return new_state, {**metrics, "finite": jnp.isfinite(metrics["loss"])}
 
 
-def eval_step(state: TrainState, batch: dict, *, graphdef, config, num_classes: int) -> dict:
-    """Sums over the real (masked) examples of a padded global batch."""
+def eval_step(state: TrainState, batch: dict, *, graphdef, config, task) -> dict:
+    """``task.eval_outputs`` of the eval weights on a padded global batch."""
     model = nnx.merge(graphdef, state.eval_params(), state.batch_stats)
-    logits = model(data.normalize(batch["image"], dtype=compute_dtype(config)))
-    mask = batch["mask"].astype(jnp.float32)
-    loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
-    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
-    return {
-        "count": mask.sum(),
-        "loss": (loss * mask).sum(),
-        "top1": ((top5[:, 0] == batch["label"]) * mask).sum(),
-        "top5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
-    }
+    images = data.normalize(batch["image"], dtype=compute_dtype(config))
+    return task.eval_outputs(model, images, batch)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import sasa_jax
-from sasa_jax import config_lib, train_steps
+from sasa_jax import config_lib, tasks, train_steps
 
 # The markers of each platform's Pallas kernel in the exported module, and of the CPU kernel.
 KERNEL = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
@@ -72,11 +72,12 @@ def test_train_step_of_the_table_1_variants_exports(variant):
     for CUDA and TPU."""
     config = config_lib.apply_model_arg(config_lib.default_config(), f"depth=26,variant={variant}")
     config.half_precision = True
-    model = nnx.eval_shape(lambda: train_steps.create_model(config, 1000))
+    task = tasks.ClassificationTask(config, 1000)
+    model = nnx.eval_shape(lambda: task.create_model(0))
     tx = train_steps.create_optimizer(config)
     graphdef, _, state = train_steps.create_train_state(model, tx, config)
     step = functools.partial(
-        train_steps.train_step, graphdef=graphdef, tx=tx, config=config, num_classes=1000
+        train_steps.train_step, graphdef=graphdef, tx=tx, config=config, task=task
     )
     batch = {
         "image": jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8),
