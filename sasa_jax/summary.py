@@ -192,8 +192,32 @@ def summarize(model: ResNet, image_size: int) -> dict:
     }
 
 
+def _summarize_detector_config(config) -> dict:
+    from sasa_jax.detection.retinanet import RetinaNet
+    from sasa_jax.detection.summary import summarize_detector
+    from sasa_jax.detection.task import detector_spec
+
+    spec = detector_spec(config, config.model.num_classes)
+    model = nnx.eval_shape(lambda: RetinaNet(spec, rngs=nnx.Rngs(0)))
+    result = summarize_detector(model, config.image_size)
+    backbone = spec.backbone
+    result["model"] = {
+        "depth": backbone.depth,
+        "variant": backbone.variant,
+        "heads": spec.heads,
+        "p6_from": spec.p6_from,
+        "num_classes": spec.num_classes,
+        "window": backbone.window,
+        "width_multiplier": backbone.width_multiplier,
+    }
+    return result
+
+
 def summarize_config(config) -> dict:
-    """``summarize`` for a config, building the model abstractly (no memory, no compile)."""
+    """``summarize`` for a config, building the model abstractly (no memory, no compile);
+    a detection config's RetinaNet is summarised per part (``detection.summary``)."""
+    if "detection" in config:
+        return _summarize_detector_config(config)
     spec = ModelSpec.from_config(config.model)
     model = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
     result = summarize(model, config.image_size)
@@ -211,15 +235,15 @@ def summarize_config(config) -> dict:
 
 
 def format_summary(result: dict) -> str:
-    lines = [f"{'part':<8} {'params':>14} {'GFLOPs':>9} {'computed':>9}  output"]
+    lines = [f"{'part':<10} {'params':>14} {'GFLOPs':>9} {'computed':>9}  output"]
     for name, stage in result["stages"].items():
         shape = "x".join(str(d) for d in stage["output"])
         lines.append(
-            f"{name:<8} {stage['params']:>14,} {stage['flops'] / 1e9:>9.3f} "
+            f"{name:<10} {stage['params']:>14,} {stage['flops'] / 1e9:>9.3f} "
             f"{stage['flops_computed'] / 1e9:>9.3f}  {shape}"
         )
     lines.append(
-        f"{'total':<8} {result['params']:>14,} {result['flops'] / 1e9:>9.3f} "
+        f"{'total':<10} {result['params']:>14,} {result['flops'] / 1e9:>9.3f} "
         f"{result['flops_computed'] / 1e9:>9.3f}  (at {result['image_size']}x"
         f"{result['image_size']}; GFLOPs in the paper's convention, then as computed)"
     )

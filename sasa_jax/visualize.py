@@ -1,9 +1,11 @@
-r"""Pictures of what a trained model's attention looks at.
+r"""Pictures of what a trained model's attention looks at, or of what a detector finds.
 
   python -m sasa_jax.visualize --workdir=DIR [--image=PATH] [--out=FILE.png]
 
-Loads the latest checkpoint of a ``train.py`` run, runs one image (``--image``, or the first
-image of the run's eval split) and draws one figure:
+Loads the latest checkpoint of a ``train.py`` run. For a detection run it draws the first eval
+images with the detections beside the ground truth (``detection.visualize``;
+``DIR/detections.png``). For a classifier it runs one image (``--image``, or the first image of
+the run's eval split) and draws one figure (``DIR/attention.png``):
 
 * for two query pixels (marked +) in the stem and in every attention layer, each head's
   attention weights over its window, overlaid on the input image (a layer's feature-map cells
@@ -214,6 +216,14 @@ def visualize(workdir: str, image_path: str | None = None, out: str | None = Non
     if not pathlib.Path(workdir).is_dir():
         raise FileNotFoundError(f"no such workdir: {workdir}")
     config, model, step = train_lib.load_run(workdir)
+    if "detection" in config:
+        if image_path:
+            raise ValueError(
+                "--image is for classification runs; a detection run draws its eval images"
+            )
+        from sasa_jax.detection.visualize import visualize_detections
+
+        return visualize_detections(config, model, step, workdir, out)
     pixels = load_image(config, image_path)
     normalised = np.asarray(data.normalize(pixels, dtype=compute_dtype(config)))
     maps = attention_maps(model, normalised)
@@ -228,7 +238,9 @@ def main() -> None:
     flags are defined here, not on import."""
     workdir = flags.DEFINE_string("workdir", None, "A train.py workdir.")
     image = flags.DEFINE_string("image", None, "An image file (default: the eval split's first).")
-    out = flags.DEFINE_string("out", None, "The PNG to write (default: WORKDIR/attention.png).")
+    out = flags.DEFINE_string(
+        "out", None, "The PNG to write (default: WORKDIR/attention.png or detections.png)."
+    )
 
     def run(argv) -> None:
         if len(argv) > 1:

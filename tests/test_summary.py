@@ -125,3 +125,23 @@ def test_summary_command_json_builds_no_kernel(tmp_path):
     assert set(result["stages"]) == {"stem", "stage1", "stage2", "stage3", "stage4", "head"}
     assert abs(result["params"] / 1e6 - 10.3) <= 0.1  # Table 1, ResNet-26 full attention
     assert "stage4" in proc.stdout
+
+
+@pytest.mark.slow
+def test_conv_retinanet_flops_and_table_2_rows():
+    """The conv RetinaNet-50 at 640 against a hand count over the pyramid, and the paper's
+    Table 2 rows (params within 0.5M, FLOPs within 8%)."""
+    config = config_lib.from_file(ROOT / "configs/coco.py", "head_norm=False")
+    result = summarize_config(config)
+    imagenet = _imagenet_config("depth=50")
+    imagenet.image_size = 640
+    resnet = summarize_config(imagenet)
+    backbone = resnet["flops"] - resnet["stages"]["head"]["flops"]
+    sides = [80, 40, 20, 10, 5]  # P3..P7 at 640
+    conv = 2 * 9 * 256 * 256  # a 3x3 256->256 convolution, per output pixel
+    fpn = 2 * 256 * (512 * 80**2 + 1024 * 40**2 + 2048 * 20**2)  # laterals
+    fpn += conv * (80**2 + 40**2 + 20**2 + 10**2 + 5**2)  # outputs, P6 (from P5), P7
+    heads = sum(s * s for s in sides) * (8 * conv + 2 * 9 * 256 * 9 * (80 + 4))
+    assert result["flops"] == backbone + fpn + heads
+    assert result["params"] == 33_839_924  # the standard construction, 80 classes
+    assert abs(result["params"] - 33.4e6) < 0.5e6 and abs(result["flops"] / 182e9 - 1) < 0.08

@@ -1,7 +1,9 @@
 """Object detection (RetinaNet, the paper's Table 2): anchors, box coding, anchor matching,
 losses and batch targets (``targets.py``), static-shape NMS and post-processing
-(``postprocess.py``), the FPN and heads (``fpn.py``, ``heads.py``) and the model
-(``retinanet.py``). Its data, training, eval and summary are not built yet."""
+(``postprocess.py``), the FPN and heads (``fpn.py``, ``heads.py``), the model
+(``retinanet.py``), COCO metrics (``coco_eval.py``), the trainer's task (``task.py``), params
+and FLOPs (``summary.py``) and pictures (``visualize.py``). Its data are in ``sasa_jax.data``
+(``digit_scenes``, ``coco_folder``, ``detection_builders``, ``detection_preprocess``)."""
 
 from sasa_jax.detection.anchors import AnchorSpec, anchor_boxes
 from sasa_jax.detection.boxes import decode, encode, pairwise_iou

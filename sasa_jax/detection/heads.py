@@ -5,6 +5,11 @@ layer: a 3x3 convolution in conv heads, a pointwise (1x1) one in attention heads
 "the final layer of the class and box heads is a pointwise convolution"). The class output's
 bias starts at ``-log((1 - prior) / prior)`` so every anchor begins at probability ``prior``
 (0.01). Attention heads draw their value projections from N(0, 0.01) (the paper's rule).
+
+With ``norm``, each spatial layer is followed by a batch norm of its own per pyramid level
+(the layers are shared, the norms are not), as in the TPU RetinaNet whose recipe the paper
+trains with. Without it a stack of attention layers whose values start at N(0, 0.01) passes
+almost no signal at first, and the heads barely train from scratch.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class Head(nnx.Module):
         pointwise_output: bool,
         depth: int = 4,
         bias: float = 0.0,
+        norm: Callable[..., nnx.Module] | None = None,
+        levels: int = 5,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -56,14 +63,23 @@ class Head(nnx.Module):
             if isinstance(layer, SelfAttention2D):
                 shape = layer.value.kernel[...].shape
                 layer.value.kernel[...] = 0.01 * jax.random.normal(rngs.params(), shape)
+        self.norms = (
+            nnx.List(
+                [nnx.List([norm(width, rngs=rngs) for _ in range(depth)]) for _ in range(levels)]
+            )
+            if norm is not None
+            else None
+        )
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.output = _output_layer(
             width, anchors * outputs_per_anchor, pointwise_output, bias, rngs, **dtypes
         )
 
-    def __call__(self, x: Array) -> Array:
-        for layer in self.layers:
-            x = jax.nn.relu(layer(x))
+    def __call__(self, x: Array, level: int = 0) -> Array:
+        """``x``: the features of pyramid level ``level`` (0 for P3: it picks the norms)."""
+        for i, layer in enumerate(self.layers):
+            y = layer(x)
+            x = jax.nn.relu(y if self.norms is None else self.norms[level][i](y))
         y = self.output(x)
         return y.reshape(y.shape[0], -1, self.outputs_per_anchor)
 

@@ -13,7 +13,7 @@ from flax import nnx
 from sasa_jax.detection.anchors import AnchorSpec
 from sasa_jax.detection.fpn import FPN
 from sasa_jax.detection.heads import Head, class_prior_bias
-from sasa_jax.models import ModelSpec, build_model, spec_attention
+from sasa_jax.models import ModelSpec, Norm, build_model, spec_attention
 
 Array = jax.Array
 HEAD_KINDS = ("conv", "attention")
@@ -30,6 +30,7 @@ class DetectorSpec:
     width: int = 256
     head_depth: int = 4
     p6_from: str = "p5"
+    head_norm: bool = False  # batch norm after each head layer, per level (TPU RetinaNet)
     anchors: AnchorSpec = AnchorSpec()
 
     def __post_init__(self):
@@ -88,6 +89,15 @@ class RetinaNet(nnx.Module):
             spatial=spatial,
             pointwise_output=spec.heads == "attention",
             depth=spec.head_depth,
+            norm=Norm(
+                spec.backbone.bn_momentum,
+                spec.backbone.bn_epsilon,
+                dtype,
+                param_dtype,
+                batch_norm,
+            )
+            if spec.head_norm
+            else None,
             rngs=rngs,
             **dtypes,
         )
@@ -97,6 +107,6 @@ class RetinaNet(nnx.Module):
     def __call__(self, x: Array) -> tuple[Array, Array]:
         pyramid = self.fpn(self.backbone.features(x))
         levels = [pyramid[f"p{level}"] for level in range(3, 8)]
-        logits = jnp.concatenate([self.class_head(p) for p in levels], axis=1)
-        boxes = jnp.concatenate([self.box_head(p) for p in levels], axis=1)
+        logits = jnp.concatenate([self.class_head(p, i) for i, p in enumerate(levels)], axis=1)
+        boxes = jnp.concatenate([self.box_head(p, i) for i, p in enumerate(levels)], axis=1)
         return logits.astype(jnp.float32), boxes.astype(jnp.float32)
