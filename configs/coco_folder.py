@@ -13,8 +13,9 @@ configs/coco.py (``DIR,variant=baseline,heads=conv``).
   python benchmarks/make_coco_folder.py --out /tmp/shapes_coco   # 640 + 160 images, 3 kinds
   python train.py --config=configs/coco_folder.py:/tmp/shapes_coco --workdir=/tmp/wd_shapes
 
-Expect on that folder AP of about TBD (AP50 TBD) in about TBD minutes on a 2-core CPU
-(the README's results table).
+On that folder, measured on a 2-core CPU from an empty TFDS dir: AP 0.428, AP50 0.745 at the
+step-400 eval (580 s after launch), with the run going on to 700 steps (about 17 minutes; the
+README's results table).
 """
 
 from sasa_jax import config_lib
