@@ -148,7 +148,8 @@ _COUNTERS: list[tuple[type, Counter]] = [
 ]
 
 
-def _params(module) -> int:
+def param_count(module) -> int:
+    """The number of parameters of a module (any NNX module: a model or one of its parts)."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
@@ -176,7 +177,7 @@ def summarize(model: ResNet, image_size: int) -> dict:
     modules.update({f"stage{i + 1}": stage for i, stage in enumerate(model.stages)})
     stages = {
         name: {
-            "params": _params(modules[name]),
+            "params": param_count(modules[name]),
             "flops": paper[name][0],
             "flops_computed": computed[name][0],
             "output": paper[name][1],
@@ -184,7 +185,7 @@ def summarize(model: ResNet, image_size: int) -> dict:
         for name in paper
     }
     return {
-        "params": _params(model),
+        "params": param_count(model),
         "flops": sum(flops for flops, _ in paper.values()),
         "flops_computed": sum(flops for flops, _ in computed.values()),
         "image_size": image_size,

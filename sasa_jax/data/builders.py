@@ -126,7 +126,7 @@ def folder_fingerprint(files: dict[str, list[tuple[pathlib.Path, str]]]) -> str:
     return digest.hexdigest()[:12]
 
 
-def _load_rgb(path: pathlib.Path) -> Image.Image | str:
+def load_rgb(path: pathlib.Path) -> Image.Image | str:
     """The image as RGB, or the reason Pillow cannot read it."""
     try:
         with Image.open(path) as img:
@@ -174,7 +174,7 @@ class SasaImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str):
         for path, label in self._files[split]:
-            image = _load_rgb(path)
+            image = load_rgb(path)
             if isinstance(image, str):
                 self.unreadable.append((path, image))
                 continue

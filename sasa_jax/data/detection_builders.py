@@ -18,9 +18,10 @@ import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sasa_jax.data import coco_folder
+from sasa_jax.data.builders import load_rgb
 from sasa_jax.data.digit_scenes import digit_scenes
 
 SCENES = {"train": 2500, "test": 500}
@@ -91,15 +92,12 @@ class SasaDigitScenes(tfds.core.GeneratorBasedBuilder):
 
 
 def _load_rgb(path: pathlib.Path, width: int, height: int) -> Image.Image | str:
-    """The image as RGB, or why it cannot be used."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.size != (width, height):
-                return f"is {img.size[0]}x{img.size[1]}, the annotations say {width}x{height}"
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return str(error) or type(error).__name__
+    """The image as RGB (``builders.load_rgb``), or why it cannot be used: unreadable, or
+    not the size the annotations give."""
+    image = load_rgb(path)
+    if isinstance(image, Image.Image) and image.size != (width, height):
+        return f"is {image.size[0]}x{image.size[1]}, the annotations say {width}x{height}"
+    return image
 
 
 class SasaCocoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -8,15 +8,8 @@ layers are counted once per level P3-P7. Post-processing (decoding, NMS) is not 
 
 from __future__ import annotations
 
-import jax
-from flax import nnx
-
 from sasa_jax.detection.retinanet import RetinaNet
-from sasa_jax.summary import module_flops
-
-
-def _params(module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+from sasa_jax.summary import module_flops, param_count
 
 
 def _backbone(model: RetinaNet, size: int, convention: str) -> tuple[int, dict[str, int]]:
@@ -79,10 +72,10 @@ def summarize_detector(model: RetinaNet, image_size: int) -> dict:
         "box_head": model.box_head,
     }
     for name, module in modules.items():
-        parts[name]["params"] = _params(module)
+        parts[name]["params"] = param_count(module)
         parts[name]["output"] = []
     return {
-        "params": _params(model),
+        "params": param_count(model),
         "flops": sum(p["flops"] for p in parts.values()),
         "flops_computed": sum(p["flops_computed"] for p in parts.values()),
         "image_size": image_size,
