@@ -74,6 +74,7 @@ def detection_config() -> ml_collections.ConfigDict:
             "p6_from": "p5",  # "p5" or "c5"
             "head_norm": True,  # batch norm after each head layer, per level
             "anchor_size": 4.0,  # base anchor side = anchor_size * stride (32 px at P3)
+            "force_match": False,  # also make each box's best anchor positive, at any IoU
             "max_boxes": 100,  # ground-truth boxes per image after padding
             "box_weight": 50.0,  # Huber box loss weight (delta 0.1)
             "scale_min": 0.8,  # multiscale jitter of the training images

@@ -108,6 +108,42 @@ def test_matching_on_hand_made_boxes():
     np.testing.assert_array_equal(matched[3], boxes[2])
 
 
+def test_forced_matching_gives_every_box_its_best_anchor():
+    """A small box that reaches IoU 0.5 with no anchor still gets one positive: its best
+    anchor (IoU 0.25 here), labelled with its class; without force_match it gets none."""
+    boxes = np.array([[0, 0, 10, 10], [40, 40, 45, 45], [0, 0, 1, 1]], np.float32)
+    classes, valid = np.array([3, 6, 9]), np.array([True, True, False])
+    anchors = np.array(
+        [[0, 0, 10, 10], [40, 40, 50, 50], [30, 30, 50, 50], [80, 80, 90, 90]], np.float32
+    )
+    plain, _ = match_anchors(anchors, boxes, classes, valid)
+    np.testing.assert_array_equal(plain, [3, NEGATIVE, NEGATIVE, NEGATIVE])
+    labels, matched = match_anchors(anchors, boxes, classes, valid, force_match=True)
+    np.testing.assert_array_equal(labels, [3, 6, NEGATIVE, NEGATIVE])
+    np.testing.assert_array_equal(matched[1], boxes[1])
+
+
+def test_forced_matching_against_python_on_random_boxes():
+    rng = np.random.default_rng(5)
+    anchors, boxes = _random_boxes(rng, 50), _random_boxes(rng, 5) * 0.3  # small boxes
+    classes, valid = rng.integers(0, 4, 5), np.array([1, 1, 0, 1, 1], bool)
+    want, want_matched = _match_py(anchors, boxes, classes, valid)
+    plain = want.copy()
+    for g in np.flatnonzero(valid):  # each box claims its best anchor, first box first
+        a = int(np.argmax([_iou_py(x, boxes[g]) for x in anchors]))
+        if not any(
+            int(np.argmax([_iou_py(x, boxes[h]) for x in anchors])) == a
+            for h in np.flatnonzero(valid)
+            if h < g
+        ):
+            want[a], want_matched[a] = classes[g], boxes[g]
+    labels, matched = match_anchors(anchors, boxes, classes, valid, force_match=True)
+    np.testing.assert_array_equal(labels, want)
+    positive = want >= 0
+    assert (want != plain).sum() >= 2  # boxes that only forcing gives a positive
+    np.testing.assert_array_equal(np.asarray(matched)[positive], want_matched[positive])
+
+
 def test_matching_against_python_on_random_boxes():
     rng = np.random.default_rng(2)
     anchors, boxes = _random_boxes(rng, 60), _random_boxes(rng, 6)

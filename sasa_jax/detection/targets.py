@@ -13,14 +13,14 @@ Array = jax.Array
 
 
 def assign_targets(
-    anchors: Array, boxes: Array, classes: Array, valid: Array
+    anchors: Array, boxes: Array, classes: Array, valid: Array, *, force_match: bool = False
 ) -> tuple[Array, Array]:
     """Per image of a batch: ``anchors [N, 4]``, ``boxes [b, G, 4]``, ``classes [b, G]``,
     ``valid [b, G]`` -> ``(labels [b, N] int32, box targets [b, N, 4])`` (targets are
-    meaningful where ``labels >= 0``)."""
+    meaningful where ``labels >= 0``); ``force_match`` as in ``match_anchors``."""
 
     def one(boxes, classes, valid):
-        labels, matched = match_anchors(anchors, boxes, classes, valid)
+        labels, matched = match_anchors(anchors, boxes, classes, valid, force_match=force_match)
         return labels, encode(matched, anchors)
 
     return jax.vmap(one)(boxes, classes, valid)

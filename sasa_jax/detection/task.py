@@ -79,7 +79,11 @@ class DetectionTask:
     def loss(self, model, images, batch):
         logits, deltas = model(images)
         labels, targets = assign_targets(
-            jnp.asarray(self.anchors), batch["boxes"], batch["classes"], batch["valid"]
+            jnp.asarray(self.anchors),
+            batch["boxes"],
+            batch["classes"],
+            batch["valid"],
+            force_match=self.config.detection.get("force_match", False),
         )
         loss, parts = detection_loss(
             logits, deltas, labels, targets, box_weight=self.config.detection.box_weight
