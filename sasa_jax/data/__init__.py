@@ -1,10 +1,11 @@
 """Input pipelines: TFDS ``data_source`` (array_record) feeding Grain; no TensorFlow.
 
-``load_dataset`` opens a dataset by name (``digits``, ``imagenet2012``, ``image_folder``, and
-for detection ``digit_scenes``, ``coco``, ``coco_folder``); ``train_dataset`` and
-``eval_batches`` turn its sources into batches of an augmentation's or eval transform's
-examples (``TrainAugment`` / ``ClassificationEval``, ``DetectionAugment`` / ``DetectionEval``);
-``augment_from_config`` reads the classification preprocessing settings of a config.
+``load_dataset`` opens a dataset by name (``digits``, ``digits_clutter``, ``imagenet2012``,
+``image_folder``, and for detection ``digit_scenes``, ``coco``, ``coco_folder``);
+``train_dataset`` and ``eval_batches`` turn its sources into batches of an augmentation's or
+eval transform's examples (``TrainAugment`` / ``ClassificationEval``, ``DetectionAugment`` /
+``DetectionEval``); ``augment_from_config`` reads the classification preprocessing settings
+of a config.
 """
 
 from sasa_jax.data.detection_preprocess import DetectionAugment, DetectionEval

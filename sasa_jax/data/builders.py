@@ -3,6 +3,8 @@
 * ``SasaDigits``: scikit-learn's handwritten digits (shipped inside scikit-learn), upsampled
   from 8x8 to 32x32 RGB; a fixed split: every fifth image (index % 5 == 0) is test
   (1,437 train, 360 test).
+* ``SasaDigitsClutter``: the harder cluttered digits of ``digits_clutter`` (48x48 RGB, 5,748
+  train, 1,440 test), from the same train/test digit split.
 * ``SasaImageFolder``: your own images, ``DIR/<class>/*`` or
   ``DIR/{train,test|validation}/<class>/*``. Classes are the sorted folder names. Without split
   folders, a file goes to test when the MD5 of its relative path falls in the lowest
@@ -25,9 +27,26 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from sasa_jax.data import digits_clutter
+
 DIGITS_SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_FOLDERS = {"train": "train", "test": "test", "validation": "test"}
+
+
+def _digit_info(builder, description: str, size: int) -> tfds.core.DatasetInfo:
+    """A 10-class dataset of ``size x size`` RGB images."""
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(size, size, 3)),
+                "label": tfds.features.ClassLabel(num_classes=10),
+            }
+        ),
+        supervised_keys=("image", "label"),
+    )
 
 
 class SasaDigits(tfds.core.GeneratorBasedBuilder):
@@ -37,16 +56,8 @@ class SasaDigits(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First release."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="scikit-learn's handwritten digits (UCI), upsampled to 32x32 RGB.",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(DIGITS_SIZE, DIGITS_SIZE, 3)),
-                    "label": tfds.features.ClassLabel(num_classes=10),
-                }
-            ),
-            supervised_keys=("image", "label"),
+        return _digit_info(
+            self, "scikit-learn's handwritten digits (UCI), upsampled to 32x32 RGB.", DIGITS_SIZE
         )
 
     def _split_generators(self, dl_manager):
@@ -66,6 +77,26 @@ class SasaDigits(tfds.core.GeneratorBasedBuilder):
             gray = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
             image = Image.fromarray(gray).resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR)
             yield index, {"image": image.convert("RGB"), "label": int(label)}
+
+
+class SasaDigitsClutter(tfds.core.GeneratorBasedBuilder):
+    """Cluttered digits (``digits_clutter``): one scaled-up digit among fragments of others,
+    48x48 RGB, 10 classes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        description = "scikit-learn's digits scaled up among clutter fragments (sasa_jax)."
+        return _digit_info(self, description, digits_clutter.CANVAS)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # generated offline from the digits inside scikit-learn
+        return {split: self._generate_examples(split) for split in ("train", "test")}
+
+    def _generate_examples(self, split: str):
+        for index, (gray, label) in enumerate(digits_clutter.cluttered_digits(split)):
+            yield index, {"image": Image.fromarray(gray).convert("RGB"), "label": label}
 
 
 def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:

@@ -16,21 +16,22 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from sasa_jax.data.builders import SasaDigits, SasaImageFolder
+from sasa_jax.data.builders import SasaDigits, SasaDigitsClutter, SasaImageFolder
 from sasa_jax.data.detection_builders import SasaCocoFolder, SasaDigitScenes
 from sasa_jax.data.errors import listing_error
 
 DETECTION_DATASETS = ("digit_scenes", "coco", "coco_folder")
-DATASETS = ("digits", "imagenet2012", "image_folder", *DETECTION_DATASETS)
+DATASETS = ("digits", "digits_clutter", "imagenet2012", "image_folder", *DETECTION_DATASETS)
 DEFAULT_EVAL_SPLIT = {
     "digits": "test",
+    "digits_clutter": "test",
     "imagenet2012": "validation",
     "image_folder": "test",
     "digit_scenes": "test",
     "coco": "validation",
     "coco_folder": "validation",
 }
-NUM_CLASSES = {"digits": 10, "imagenet2012": 1000}
+NUM_CLASSES = {"digits": 10, "digits_clutter": 10, "imagenet2012": 1000}
 SKIP_DECODING = {"image": tfds.decode.SkipDecoding()}
 
 IMAGENET_HELP = """ImageNet 2012 is not prepared in array_record format under {data_dir}.
@@ -141,6 +142,8 @@ def _builder(dataset: str, data_dir: str | None, image_folder: str, coco_folder:
     kwargs = dict(data_dir=data_dir, file_format="array_record")
     if dataset == "digits":
         return SasaDigits(**kwargs)
+    if dataset == "digits_clutter":
+        return SasaDigitsClutter(**kwargs)
     if dataset == "digit_scenes":
         return SasaDigitScenes(**kwargs)
     if dataset == "image_folder":
