@@ -91,6 +91,7 @@ def test_clashing_field_names_keep_their_full_path():
         (["model.window=three"], [], "model.window"),
         (["model.window"], [], "FIELD=V1,V2"),
         (["model.window=3", "model.window=5"], [], "twice"),
+        (["model.num_heads=8,7"], [], "num_heads=7"),
         ([], ["--seeds-typo=2"], "unknown argument"),
         ([], ["--config.num_train_steps=x"], "num_train_steps"),
     ],
