@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -184,10 +185,12 @@ def test_a_real_sweep_trains_with_train_py_and_then_skips(tmp_path):
         assert logged[-1]["step"] == 2 and logged[-1]["eval_examples"] == 360
         config = json.loads(open(f"{row['workdir']}/config.json").read())
         assert config["base_learning_rate"] == row["fields"]["base_learning_rate"]
-    start = time.perf_counter()
+    log = pathlib.Path(rows[0]["workdir"]) / "train.log"
+    size, start = log.stat().st_size, time.perf_counter()
     again = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     assert again.returncode == 0 and "1 finished, 0 to run" in again.stdout
-    assert time.perf_counter() - start < 10
+    assert log.stat().st_size == size  # train.py was not started again
+    assert time.perf_counter() - start < 30  # about 4 s on an idle 2-core machine
 
 
 # ------------------------------------------------------------------- cluttered digits
