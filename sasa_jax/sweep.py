@@ -8,7 +8,8 @@ the cell's ``--config.FIELD=VALUE`` and any ``--config.FIELD=VALUE`` given to th
 resumes, and can be inspected and visualised, like any other run. Several ``--grid`` flags
 make their product; a cell is named by its values (``window=3``, ``window=3,positional=none``).
 The same command again skips finished runs (each leaves ``sweep_run.json`` beside its
-checkpoints) and resumes unfinished ones. A run that fails is reported in the results and the
+checkpoints) and resumes unfinished ones, including runs a signal stopped (Ctrl-C stops the
+running train.py processes with a checkpoint). A run that fails is reported in the results and the
 others go on. ``--jobs=N`` runs N at once; on a host with several GPUs or TPU chips each job
 sees one device (``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS``).
 
@@ -36,6 +37,7 @@ from sasa_jax import config_lib, metrics, sweep_results
 
 TRAIN = pathlib.Path(__file__).resolve().parents[1] / "train.py"
 RECORD = "sweep_run.json"
+STOPPED = "stopped at step"  # what train.py prints when a signal stops it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +201,7 @@ def execute(run: Run, env: dict[str, str], train: pathlib.Path = TRAIN) -> dict:
     previous = _record(run) or {}
     earlier = previous.get("wall_s", 0.0) if previous.get("args") == list(run.args) else 0.0
     log = run.workdir / "train.log"
+    offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
     with log.open("a") as out:
         code = subprocess.run(
@@ -208,12 +211,17 @@ def execute(run: Run, env: dict[str, str], train: pathlib.Path = TRAIN) -> dict:
             env={**os.environ, **env},
             check=False,
         ).returncode
+    with log.open(errors="replace") as f:
+        f.seek(offset)
+        stopped = code == 0 and STOPPED in f.read()  # SIGTERM/SIGINT: a checkpoint, exit 0
+    status = "stopped" if stopped else "done" if code == 0 else "failed"
+    error = {"done": "", "stopped": "stopped by a signal; run the sweep again to resume"}
     record = {
         "args": list(run.args),
-        "status": "done" if code == 0 else "failed",
+        "status": status,
         "wall_s": earlier + time.perf_counter() - start,
-        "metrics": final_eval(run.workdir) if code == 0 else {},
-        "error": "" if code == 0 else f"exit {code}: {_last_line(log)}",
+        "metrics": final_eval(run.workdir) if status == "done" else {},
+        "error": error.get(status, f"exit {code}: {_last_line(log)}"),
     }
     (run.workdir / RECORD).write_text(json.dumps(record, indent=1))
     return record

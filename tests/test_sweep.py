@@ -8,6 +8,7 @@ runs is checked in seconds; one slow test runs the real train.py.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -21,18 +22,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sasa_jax import sweep, sweep_results
+from sasa_jax import sweep, sweep_results, train_lib
 from sasa_jax.data import digits_clutter
 
 FAKE_TRAIN = textwrap.dedent(
     """
-    import json, pathlib, sys
+    import json, os, pathlib, sys
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     workdir = pathlib.Path(args["workdir"])
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "calls", "a") as f:
         f.write("x")
     window, seed = int(args["config.model.window"]), int(args["config.seed"])
+    if os.environ.get("FAKE_STOP"):
+        print("stopped at step 2 with a checkpoint; run the same command to resume")
+        sys.exit(0)
     if window == 7:
         print("ValueError: window 7 is not allowed here")
         sys.exit(2)
@@ -132,6 +136,18 @@ def test_a_second_call_runs_nothing_and_changed_runs_resume(tmp_path, fake_train
     )
     sweep.run_all(longer[:2] + runs[2:], train=fake_train)
     assert [(r.workdir / "calls").read_text() for r in runs] == ["xx", "xx", "x", "x"]
+
+
+def test_a_run_stopped_by_a_signal_is_not_finished(tmp_path, fake_train, monkeypatch):
+    """train.py exits 0 after SIGTERM/SIGINT with a checkpoint: the run is resumed later."""
+    assert sweep.STOPPED in inspect.getsource(train_lib)  # the line train.py prints then
+    monkeypatch.setenv("FAKE_STOP", "1")
+    runs, rows = _sweep(tmp_path, fake_train, windows="3", seeds=1)
+    assert rows[0]["status"] == "stopped" and rows[0]["metrics"] == {}
+    assert not sweep.is_finished(runs[0])
+    monkeypatch.delenv("FAKE_STOP")
+    rows = sweep.run_all(runs, train=fake_train)
+    assert rows[0]["status"] == "done" and (runs[0].workdir / "calls").read_text() == "xx"
 
 
 def test_results_files_hold_every_run_and_the_per_cell_statistics(tmp_path, fake_train):
