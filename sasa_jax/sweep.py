@@ -86,18 +86,6 @@ def set_field(config, field: str, text: str) -> Any:
     return node[leaf]
 
 
-def check_model(config) -> None:
-    """The model checks train.py makes first (ValueError), without starting a JAX backend: a
-    backend here would hold the accelerators the runs need."""
-    from sasa_jax.models import ModelSpec
-
-    ModelSpec.from_config(config.model)
-    if "detection" in config:
-        from sasa_jax.detection.task import check_detection_config
-
-        check_detection_config(config)
-
-
 def cell_name(fields: dict[str, Any]) -> str:
     """A directory name for a cell: ``window=3,positional=none`` (the fields' last parts, or
     the whole dotted names when two last parts would clash)."""
@@ -117,8 +105,10 @@ def plan(
     overrides: list[str],
 ) -> list[Run]:
     """Every run of the sweep, in grid order then seed order. Each cell's config is built (with
-    the overrides) and its model checked before anything runs, so a bad field or value, or a
-    model that cannot be built, fails at once."""
+    the overrides) and checked before anything runs (``train_lib.check_config``), so a bad
+    field or value, or a model that cannot be built, fails at once."""
+    from sasa_jax import train_lib  # JAX and the models: only once a sweep is planned
+
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     path, _, arg = config.partition(":")
@@ -135,7 +125,7 @@ def plan(
         for field, text in extra:
             set_field(cfg, field, text)
         typed = {f: set_field(cfg, f, v) for f, v in zip(fields, values, strict=True)}
-        check_model(cfg)
+        train_lib.check_config(cfg)  # starts no JAX backend: the runs need the devices
         cell = cell_name(typed)
         cell_args = [f"--config.{f}={v}" for f, v in zip(fields, values, strict=True)]
         for seed in range(seeds):

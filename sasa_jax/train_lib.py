@@ -55,8 +55,10 @@ class Schedule:
 # ----------------------------------------------------------------------- config checks
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises one clear ValueError for a config that cannot run, before anything compiles."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The checks of ``validate_config`` that need no JAX backend (model, dataset, detection,
+    schedule and logging fields): ``sasa_jax.sweep`` runs them for every cell before any run
+    starts, without holding the accelerators its runs need."""
     ModelSpec.from_config(config.model)
     if config.dataset not in data.DATASETS:
         raise ValueError(f"config.dataset must be one of {data.DATASETS}, got {config.dataset!r}")
@@ -69,6 +71,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "config_lib.detection_config() (see configs/digits_detection.py)"
             )
         check_detection_config(config)
+    if config.num_train_steps <= 0 and config.num_epochs <= 0:
+        raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+    if config.log_every_steps < 1 or config.checkpoint_every_steps < 1:
+        raise ValueError("config.log_every_steps and config.checkpoint_every_steps must be >= 1")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises one clear ValueError for a config that cannot run, before anything compiles."""
+    check_config(config)
     devices = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         value = config[name]
@@ -78,12 +91,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"number of devices ({devices})"
             )
         data.per_process_batch(value, jax.process_count(), f"config.{name}")
-    if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
-    if config.log_every_steps < 1 or config.checkpoint_every_steps < 1:
-        raise ValueError("config.log_every_steps and config.checkpoint_every_steps must be >= 1")
 
 
 def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
