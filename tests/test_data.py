@@ -14,7 +14,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from sasa_jax import data
-from sasa_jax.data.preprocess import centre_crop, sample_crop
 
 
 def _encoded(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -29,57 +28,6 @@ def _records(n: int, size: int = 8) -> list[dict]:
         {"image": _encoded(np.full((size, size, 3), i % 256, np.uint8)), "label": i}
         for i in range(n)
     ]
-
-
-# ------------------------------------------------------------------------ preprocessing
-
-
-def test_inception_crops_respect_area_and_ratio():
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        left, top, w, h = sample_crop(500, 375, rng, (0.08, 1.0), (3 / 4, 4 / 3))
-        assert 0 <= left and left + w <= 500 and 0 <= top and top + h <= 375
-        assert 0.08 * 0.9 <= w * h / (500 * 375) <= 1.0
-        assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
-
-
-def test_inception_crop_falls_back_to_a_centre_crop():
-    rng = np.random.default_rng(0)
-    # No box of ratio within [3/4, 4/3] and area >= 50% fits a 1000x10 image.
-    assert sample_crop(1000, 10, rng, (0.5, 1.0), (3 / 4, 4 / 3)) == (493, 0, 13, 10)
-    assert centre_crop(300, 200, 0.875) == (62, 12, 175, 175)
-
-
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_eval_crop_is_the_centre(fmt):
-    image = np.zeros((200, 300, 3), np.uint8)
-    image[:, 150:] = 255  # right half white
-    out = data.eval_image(_encoded(image, fmt), 64, crop_fraction=0.875)
-    chex.assert_shape(out, (64, 64, 3))
-    assert out.dtype == np.uint8
-    assert out[:, :20].max() < 40 and out[:, -20:].min() > 215  # centred: half dark, half light
-
-
-def test_train_image_decodes_jpeg_at_reduced_size_faithfully():
-    """A large JPEG decoded through the DCT-domain shortcut matches a full decode."""
-    y, x = np.mgrid[0:1600, 0:1200]
-    image = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
-    image = np.asarray(Image.fromarray(image).resize((300, 400))).repeat(4, 0).repeat(4, 1)
-    encoded = _encoded(image, "JPEG")
-    augment = data.TrainAugment(size=64, area_range=(0.9, 1.0), flip=False)
-    fast = data.train_image(encoded, np.random.default_rng(3), augment)
-    slow = data.train_image(
-        np.asarray(Image.open(io.BytesIO(encoded))), np.random.default_rng(3), augment
-    )
-    assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 4
-
-
-def test_normalize():
-    images = np.array([[[[0, 128, 255]]]], np.uint8)
-    expected = (np.array([0, 128, 255]) / 255 - np.array(data.preprocess.IMAGENET_MEAN)) / np.array(
-        data.preprocess.IMAGENET_STD
-    )
-    np.testing.assert_allclose(data.normalize(images)[0, 0, 0], expected, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ sharding and batches
@@ -170,6 +118,11 @@ def test_global_batch_is_independent_of_the_process_count(processes):
     split = _process_batches(records, processes, 5, batch=8 // processes)
     for step in range(5):
         assert sum((p[step] for p in split), []) == single[step]
+
+
+def test_training_needs_records():
+    with pytest.raises(ValueError, match="at least one record"):
+        data.train_dataset([], batch_size=2, augment=AUGMENT, seed=0)
 
 
 def test_training_order_is_a_function_of_the_seed():

@@ -1,8 +1,11 @@
-"""Per-example image preprocessing on the host (NumPy + Pillow; no TensorFlow).
+"""Per-example image preprocessing on the host (NumPy + OpenCV; no TensorFlow).
 
-Images arrive as encoded bytes (JPEG or PNG, the fast path: a JPEG is decoded at a reduced
-size in the DCT domain when the crop allows) or as decoded ``uint8 [h, w, 3]`` arrays. They
-leave as ``uint8 [size, size, 3]``; normalisation happens on the device (``normalize``).
+Images arrive as encoded bytes (JPEG, PNG or anything else OpenCV or Pillow reads) or as
+decoded ``uint8 [h, w(, c)]`` arrays, and leave as ``uint8 [size, size, 3]``; normalisation
+happens on the device (``normalize``). The crop is drawn from the image's size before
+decoding, so a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain whenever the crop
+stays at least ``size`` pixels a side. OpenCV's decode (libjpeg-turbo) and bilinear resize run
+without the GIL, so decoding threads use every core.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import dataclasses
 import io
 import math
 
+import cv2
 import numpy as np
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESAMPLE = Image.BILINEAR  # antialiased when downscaling
+RESIZE = cv2.INTER_LINEAR  # bilinear; antialiasing is left to the JPEG's DCT reduction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,38 +86,91 @@ def centre_crop(width: int, height: int, fraction: float) -> tuple[int, int, int
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def _open(image) -> Image.Image:
-    if isinstance(image, bytes | bytearray | memoryview):
-        return Image.open(io.BytesIO(image))
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array)
+def _reduction(width: int, height: int, box: tuple[int, int, int, int], size: int) -> int:
+    """The JPEG DCT-domain reduction (1, 2, 4 or 8) that keeps the crop ``size`` px or more."""
+    scale = 1
+    while scale < 8 and min(box[2], box[3]) // (2 * scale) >= size:
+        scale *= 2
+    return scale
+
+
+_REDUCED = {1: 0, 2: 16, 4: 32, 8: 64}  # cv2.IMREAD_REDUCED_COLOR_k without its colour bit
+_DECODE = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a baseline or progressive JPEG's frame header, else None."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            return (width, height) if width and height else None
+        i += 2 + length
+    return None
+
+
+def _decode(data: bytes, box_fn, size: int):
+    """``(pixels, box, (width, height))``: the pixels decoded at the largest JPEG reduction
+    that keeps ``box = box_fn(width, height)`` at least ``size`` a side (other formats at full
+    size), with the box in the full image's coordinates."""
+    dims = _header_size(data)
+    if dims is None:  # PNG, or an unusual JPEG: size from Pillow
+        with Image.open(io.BytesIO(data)) as img:
+            dims = img.size
+    width, height = dims
+    box = box_fn(width, height)
+    scale = _reduction(width, height, box, size)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE | _REDUCED[scale])
+    if pixels is None:  # a format OpenCV cannot read
+        with Image.open(io.BytesIO(data)) as img:
+            pixels = np.asarray(img.convert("RGB"))
+    return pixels, box, (width, height)
 
 
 def crop_and_resize(image, box_fn, size: int, flip: bool = False) -> np.ndarray:
     """Decodes ``image``, crops ``box_fn(width, height)`` and resizes it to ``size x size``.
 
-    For a JPEG, the decoder downscales by 2, 4 or 8 in the DCT domain as long as the crop
-    stays at least ``size`` pixels on each side, so large images decode cheaply.
+    ``image`` is encoded bytes (JPEG, PNG, ...) or a decoded ``uint8 [h, w(, c)]`` array.
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain as long as the crop stays
+    at least ``size`` pixels on each side, so the bilinear resize after it (not
+    antialiased, like tf.image.resize's bicubic) shrinks by less than 2x unless the crop is
+    over ``16 * size``.
     """
-    img = _open(image)
-    width, height = img.size
-    left, top, w, h = box_fn(width, height)
-    if img.format == "JPEG":
-        scale = 1
-        while scale < 8 and min(w, h) // (2 * scale) >= size:
-            scale *= 2
-        if scale > 1:
-            img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    sx, sy = img.size[0] / width, img.size[1] / height
-    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    out = img.resize((size, size), RESAMPLE, box=box)
-    if flip:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
+    if isinstance(image, bytes | bytearray | memoryview):
+        pixels, (left, top, w, h), (width, height) = _decode(bytes(image), box_fn, size)
+    else:
+        pixels = _rgb(np.asarray(image))
+        height, width = pixels.shape[:2]
+        left, top, w, h = box_fn(width, height)
+    x0, x1 = _scaled(left, w, pixels.shape[1] / width, pixels.shape[1])
+    y0, y1 = _scaled(top, h, pixels.shape[0] / height, pixels.shape[0])
+    out = cv2.resize(pixels[y0:y1, x0:x1], (size, size), interpolation=RESIZE)
+    return cv2.flip(out, 1) if flip else out
+
+
+def _scaled(start: int, length: int, scale: float, limit: int) -> tuple[int, int]:
+    """The pixel range ``[start, start + length)`` in an image scaled by ``scale``."""
+    lo = min(int(round(start * scale)), limit - 1)
+    return lo, max(lo + 1, min(limit, int(round((start + length) * scale))))
+
+
+def _rgb(array: np.ndarray) -> np.ndarray:
+    """``[h, w]``, ``[h, w, 1]``, ``[h, w, 3]`` or ``[h, w, 4]`` -> ``[h, w, 3]``."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array[..., :3]
 
 
 def train_image(image, rng: np.random.Generator, augment: TrainAugment) -> np.ndarray:
