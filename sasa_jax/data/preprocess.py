@@ -86,7 +86,7 @@ def centre_crop(width: int, height: int, fraction: float) -> tuple[int, int, int
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def _reduction(width: int, height: int, box: tuple[int, int, int, int], size: int) -> int:
+def _reduction(box: tuple[int, int, int, int], size: int) -> int:
     """The JPEG DCT-domain reduction (1, 2, 4 or 8) that keeps the crop ``size`` px or more."""
     scale = 1
     while scale < 8 and min(box[2], box[3]) // (2 * scale) >= size:
@@ -120,21 +120,25 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _decode(data: bytes, box_fn, size: int):
-    """``(pixels, box, (width, height))``: the pixels decoded at the largest JPEG reduction
-    that keeps ``box = box_fn(width, height)`` at least ``size`` a side (other formats at full
-    size), with the box in the full image's coordinates."""
+    """``(pixels, box, (width, height))``: a JPEG decoded at the largest reduction that keeps
+    ``box = box_fn(width, height)`` at least ``size`` a side, any other format at full size;
+    the box is in the full image's coordinates."""
     dims = _header_size(data)
-    if dims is None:  # PNG, or an unusual JPEG: size from Pillow
-        with Image.open(io.BytesIO(data)) as img:
-            dims = img.size
-    width, height = dims
-    box = box_fn(width, height)
-    scale = _reduction(width, height, box, size)
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE | _REDUCED[scale])
+    if dims is None:  # not a JPEG, or one whose header we do not parse: decoded whole
+        pixels = _imdecode(data, reduced=0)
+        height, width = pixels.shape[:2]
+        return pixels, box_fn(width, height), (width, height)
+    box = box_fn(*dims)
+    return _imdecode(data, reduced=_REDUCED[_reduction(box, size)]), box, dims
+
+
+def _imdecode(data: bytes, reduced: int) -> np.ndarray:
+    """OpenCV's RGB decode (``reduced``: an ``IMREAD_REDUCED`` bit or 0), else Pillow's."""
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE | reduced)
     if pixels is None:  # a format OpenCV cannot read
         with Image.open(io.BytesIO(data)) as img:
             pixels = np.asarray(img.convert("RGB"))
-    return pixels, box, (width, height)
+    return pixels
 
 
 def crop_and_resize(image, box_fn, size: int, flip: bool = False) -> np.ndarray:
