@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from sasa_jax.detection import AnchorSpec, anchor_boxes
+from sasa_jax.detection.projection import ProjectedAttention
 from sasa_jax.detection.retinanet import DetectorSpec, RetinaNet
 from sasa_jax.layers import SelfAttention2D
 from sasa_jax.models import Conv1x1, ModelSpec
@@ -66,9 +67,36 @@ def test_attention_fpn_and_heads_follow_the_paper():
     assert conv.class_head.output.kernel.shape[:2] == (3, 3)
 
 
+def test_attention_projection_is_attention_then_a_pointwise_w_o():
+    """Each FPN and head SASA layer gains a bias-free width x width W_O (13 of them: P3-P5
+    outputs, P6, P7 and 2 x 4 head layers), applied to the attention's output; the head
+    layers' values keep their N(0, 0.01) start."""
+    width = 32
+    plain = DetectorSpec(backbone=TINY, heads="attention", num_classes=3, width=width)
+    projected = DetectorSpec(
+        backbone=TINY, heads="attention", num_classes=3, width=width, attention_projection=True
+    )
+    model = RetinaNet(projected, rngs=nnx.Rngs(0))
+    base = nnx.eval_shape(lambda: RetinaNet(plain, rngs=nnx.Rngs(0)))
+    assert _params(model) - _params(base) == 13 * width * width
+    layer = model.fpn.p6  # strided: the projection runs on the pooled map
+    assert isinstance(layer, ProjectedAttention) and layer.projection.bias is None
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, width))
+    attended = np.asarray(layer.attention(x))
+    w_o = np.asarray(layer.projection.kernel[...]).reshape(width, width)
+    expected = np.einsum("bhwc,cd->bhwd", attended, w_o)
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    assert expected.shape == (2, 4, 4, width)
+    for head in (model.class_head, model.box_head):
+        for layer in head.layers:
+            assert 0.008 < float(jnp.std(layer.attention.value.kernel[...])) < 0.016
+
+
 def test_spec_errors():
     with pytest.raises(ValueError, match="heads"):
         DetectorSpec(heads="transformer")
+    with pytest.raises(ValueError, match="attention_projection"):
+        DetectorSpec(heads="conv", attention_projection=True)
     with pytest.raises(ValueError, match="levels 3..7"):
         DetectorSpec(anchors=AnchorSpec(min_level=2))
     with pytest.raises(ValueError, match="p6_from"):

@@ -145,3 +145,23 @@ def test_conv_retinanet_flops_and_table_2_rows():
     assert result["flops"] == backbone + fpn + heads
     assert result["params"] == 33_839_924  # the standard construction, 80 classes
     assert abs(result["params"] - 33.4e6) < 0.5e6 and abs(result["flops"] / 182e9 - 1) < 0.08
+
+
+@pytest.mark.slow
+def test_attention_projection_flops_and_table_2_attention_row():
+    """W_O adds 2 * 256 * 256 FLOPs per output pixel of each FPN/head SASA layer (a hand
+    count over the pyramid at 640), and with P6 from C5 gives Table 2's fully attentional
+    row (22.0M, 110 B) within 0.5M and 8%."""
+    arg = "variant=full_attention,heads=attention,p6_from=c5"
+    plain = summarize_config(config_lib.from_file(ROOT / "configs/coco.py", arg))
+    projected = summarize_config(
+        config_lib.from_file(ROOT / "configs/coco.py", arg + ",attention_projection=true")
+    )
+    w_o = 2 * 256 * 256  # per output pixel
+    p3_to_p7 = [80**2, 40**2, 20**2, 10**2, 5**2]
+    fpn = w_o * sum(p3_to_p7)  # P3-P5 outputs, P6 (pooled to 10x10), P7
+    heads = 2 * 4 * w_o * sum(p3_to_p7)
+    assert projected["flops"] - plain["flops"] == fpn + heads
+    assert projected["params"] - plain["params"] == 13 * 256 * 256
+    assert abs(projected["params"] - 22.0e6) < 0.5e6
+    assert abs(projected["flops"] / 110e9 - 1) < 0.08

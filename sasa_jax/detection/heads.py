@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.layers import SelfAttention2D
+from sasa_jax.detection.projection import sasa_part
 from sasa_jax.models import Conv1x1
 
 Array = jax.Array
@@ -60,9 +60,10 @@ class Head(nnx.Module):
         self.outputs_per_anchor = outputs_per_anchor
         self.layers = nnx.List([spatial(width, width, strides=1, rngs=rngs) for _ in range(depth)])
         for layer in self.layers:
-            if isinstance(layer, SelfAttention2D):
-                shape = layer.value.kernel[...].shape
-                layer.value.kernel[...] = 0.01 * jax.random.normal(rngs.params(), shape)
+            sasa = sasa_part(layer)
+            if sasa is not None:
+                shape = sasa.value.kernel[...].shape
+                sasa.value.kernel[...] = 0.01 * jax.random.normal(rngs.params(), shape)
         self.norms = (
             nnx.List(
                 [nnx.List([norm(width, rngs=rngs) for _ in range(depth)]) for _ in range(levels)]

@@ -13,6 +13,7 @@ from flax import nnx
 from sasa_jax.detection.anchors import AnchorSpec
 from sasa_jax.detection.fpn import FPN
 from sasa_jax.detection.heads import Head, class_prior_bias
+from sasa_jax.detection.projection import with_projection
 from sasa_jax.models import ModelSpec, Norm, build_model, spec_attention
 
 Array = jax.Array
@@ -31,6 +32,7 @@ class DetectorSpec:
     head_depth: int = 4
     p6_from: str = "p5"
     head_norm: bool = False  # batch norm after each head layer, per level (TPU RetinaNet)
+    attention_projection: bool = False  # W_O after each FPN/head SASA layer (projection.py)
     anchors: AnchorSpec = AnchorSpec()
 
     def __post_init__(self):
@@ -38,6 +40,11 @@ class DetectorSpec:
             raise ValueError(f"heads must be one of {HEAD_KINDS}, got {self.heads!r}")
         if self.num_classes < 1 or self.width < 1:
             raise ValueError("a detector needs at least one class and a positive FPN width")
+        if self.attention_projection and self.heads != "attention":
+            raise ValueError(
+                "attention_projection adds W_O to attention FPNs and heads: it needs "
+                f"heads='attention', got heads={self.heads!r}"
+            )
         if (self.anchors.min_level, self.anchors.max_level) != (3, 7):
             raise ValueError("the FPN makes levels P3-P7: AnchorSpec must use levels 3..7")
 
@@ -50,10 +57,11 @@ def _conv3x3_bias(in_features, out_features, *, strides, rngs, **dtypes):
 
 def _spatial(spec: DetectorSpec, dtypes: dict[str, Any]):
     """The FPN's and heads' spatial layer: a 3x3 convolution with bias, or the backbone
-    spec's SASA layer."""
+    spec's SASA layer (then ``W_O`` with ``attention_projection``)."""
     if spec.heads == "conv":
         return functools.partial(_conv3x3_bias, **dtypes)
-    return spec_attention(spec.backbone, **dtypes)
+    attention = spec_attention(spec.backbone, **dtypes)
+    return with_projection(attention, **dtypes) if spec.attention_projection else attention
 
 
 class RetinaNet(nnx.Module):

@@ -8,8 +8,18 @@ layers are counted once per level P3-P7. Post-processing (decoding, NMS) is not 
 
 from __future__ import annotations
 
+from sasa_jax.detection.projection import ProjectedAttention
 from sasa_jax.detection.retinanet import RetinaNet
 from sasa_jax.summary import module_flops, param_count
+
+
+def _layer_flops(layer, h: int, w: int, convention: str) -> tuple[int, int, int]:
+    """``module_flops``, plus ``ProjectedAttention``: its attention, then ``W_O`` on the
+    attention's output."""
+    if not isinstance(layer, ProjectedAttention):
+        return module_flops(layer, h, w, convention)
+    flops, oh, ow = module_flops(layer.attention, h, w, convention)
+    return flops + module_flops(layer.projection, oh, ow, convention)[0], oh, ow
 
 
 def _backbone(model: RetinaNet, size: int, convention: str) -> tuple[int, dict[str, int]]:
@@ -33,12 +43,12 @@ def _fpn(model: RetinaNet, sides: dict[str, int], convention: str) -> tuple[int,
     for i, (lateral, output) in enumerate(zip(fpn.laterals, fpn.outputs, strict=True)):
         side = sides[f"c{i + 3}"]
         flops += module_flops(lateral, side, side, convention)[0]
-        f, levels[f"p{i + 3}"], _ = module_flops(output, side, side, convention)
+        f, levels[f"p{i + 3}"], _ = _layer_flops(output, side, side, convention)
         flops += f
     side = levels["p5"] if fpn.p6_from == "p5" else sides["c5"]
-    f, levels["p6"], _ = module_flops(fpn.p6, side, side, convention)
+    f, levels["p6"], _ = _layer_flops(fpn.p6, side, side, convention)
     flops += f
-    f, levels["p7"], _ = module_flops(fpn.p7, levels["p6"], levels["p6"], convention)
+    f, levels["p7"], _ = _layer_flops(fpn.p7, levels["p6"], levels["p6"], convention)
     return flops + f, levels
 
 
@@ -46,7 +56,7 @@ def _head(head, levels: dict[str, int], convention: str) -> int:
     flops = 0
     for side in levels.values():
         for layer in [*head.layers, head.output]:
-            flops += module_flops(layer, side, side, convention)[0]
+            flops += _layer_flops(layer, side, side, convention)[0]
     return flops
 
 

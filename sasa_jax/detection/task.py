@@ -37,6 +37,7 @@ def detector_spec(config, num_classes: int) -> DetectorSpec:
         head_depth=det.head_depth,
         p6_from=det.p6_from,
         head_norm=det.head_norm,
+        attention_projection=det.get("attention_projection", False),
         anchors=AnchorSpec(size=det.anchor_size),
     )
 
