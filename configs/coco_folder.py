@@ -13,9 +13,8 @@ configs/coco.py (``DIR,variant=baseline,heads=conv``).
   python benchmarks/make_coco_folder.py --out /tmp/shapes_coco   # 640 + 160 images, 3 kinds
   python train.py --config=configs/coco_folder.py:/tmp/shapes_coco --workdir=/tmp/wd_shapes
 
-On that folder, measured on a 2-core CPU from an empty TFDS dir: AP 0.503, AP50 0.820 after
-700 steps in 988 s (0.428 / 0.745 at the step-400 eval, 593 s after launch; the README's
-results table).
+On that folder, measured on a 2-core CPU from an empty TFDS dir: AP 0.506, AP50 0.813 after
+700 steps in 242 s (0.448 / 0.759 at the step-400 eval; the README's results table).
 """
 
 from sasa_jax import config_lib
