@@ -77,6 +77,9 @@ def test_coco_folder_config_trains_and_evaluates(tmp_path):
     stats = coco_folder.folder_statistics(folder)
     assert config.model.num_classes == 3 and config.image_size == stats["image_size"]
     assert config.detection.max_boxes == stats["max_objects"]
+    # P3 anchors at the 5th-percentile object, but at least twice the stride, forced matches
+    assert config.detection.anchor_size == min(4.0, max(2.0, stats["small_object"] / 8))
+    assert config.detection.force_match
     config = _tiny(config, steps=2)
     config.data_dir = str(tmp_path / "tfds")
     train_lib.train_and_evaluate(config, str(tmp_path / "run"))
