@@ -36,9 +36,18 @@ def test_resnet50_retinanet_has_the_standard_parameter_count(p6_from, millions):
 TINY = ModelSpec(depth=26, width_multiplier=0.25, window=3, variant="full_attention")
 
 
-@pytest.mark.parametrize("heads", ["conv", "attention"])
-def test_outputs_line_up_with_the_anchors(heads):
-    spec = DetectorSpec(backbone=TINY, heads=heads, num_classes=3, width=32, head_depth=1)
+@pytest.mark.parametrize(
+    "heads, projection", [("conv", False), ("attention", False), ("attention", True)]
+)
+def test_outputs_line_up_with_the_anchors(heads, projection):
+    spec = DetectorSpec(
+        backbone=TINY,
+        heads=heads,
+        num_classes=3,
+        width=32,
+        head_depth=1,
+        attention_projection=projection,
+    )
     model = nnx.eval_shape(lambda: RetinaNet(spec, rngs=nnx.Rngs(0)))
     model.eval()
     graphdef, state = nnx.split(model)
