@@ -1,4 +1,4 @@
-"""Per-example preprocessing for detection, on the host (NumPy + Pillow; no TensorFlow).
+"""Per-example preprocessing for detection, on the host (NumPy, OpenCV, Pillow; no TensorFlow).
 
 A detection record holds ``image`` (encoded bytes or ``uint8 [h, w, 3]``) and ``objects``:
 ``bbox`` ``[n, 4]`` (y1, x1, y2, x2) as fractions of the image (TFDS's ``BBoxFeature``),
@@ -18,21 +18,13 @@ pixels, with ``valid`` marking the real ones.
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 from PIL import Image
 
+from sasa_jax.data.preprocess import decode_rgb
+
 Example = dict[str, np.ndarray]
-
-
-def decode_rgb(image) -> np.ndarray:
-    """Encoded bytes or an array -> ``uint8 [h, w, 3]``."""
-    if isinstance(image, bytes | bytearray | memoryview):
-        with Image.open(io.BytesIO(image)) as img:
-            return np.asarray(img.convert("RGB"))
-    array = np.asarray(image, np.uint8)
-    return np.repeat(array, 3, -1) if array.shape[-1] == 1 else array
 
 
 def record_boxes(record: dict, height: int, width: int) -> dict[str, np.ndarray]:

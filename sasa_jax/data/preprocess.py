@@ -132,6 +132,14 @@ def _decode(data: bytes, box_fn, size: int):
     return _imdecode(data, reduced=_REDUCED[_reduction(box, size)]), box, dims
 
 
+def decode_rgb(image) -> np.ndarray:
+    """Encoded bytes (decoded whole) or a decoded ``uint8 [h, w(, c)]`` array ->
+    ``uint8 [h, w, 3]``."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return _imdecode(bytes(image), reduced=0)
+    return _rgb(np.asarray(image, np.uint8))
+
+
 def _imdecode(data: bytes, reduced: int) -> np.ndarray:
     """OpenCV's RGB decode (``reduced``: an ``IMREAD_REDUCED`` bit or 0), else Pillow's."""
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE | reduced)
@@ -153,7 +161,7 @@ def crop_and_resize(image, box_fn, size: int, flip: bool = False) -> np.ndarray:
     if isinstance(image, bytes | bytearray | memoryview):
         pixels, (left, top, w, h), (width, height) = _decode(bytes(image), box_fn, size)
     else:
-        pixels = _rgb(np.asarray(image))
+        pixels = decode_rgb(image)
         height, width = pixels.shape[:2]
         left, top, w, h = box_fn(width, height)
     x0, x1 = _scaled(left, w, pixels.shape[1] / width, pixels.shape[1])
