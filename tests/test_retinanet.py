@@ -81,12 +81,11 @@ def test_attention_projection_is_attention_then_a_pointwise_w_o():
     outputs, P6, P7 and 2 x 4 head layers), applied to the attention's output; the head
     layers' values keep their N(0, 0.01) start."""
     width = 32
-    plain = DetectorSpec(backbone=TINY, heads="attention", num_classes=3, width=width)
     projected = DetectorSpec(
         backbone=TINY, heads="attention", num_classes=3, width=width, attention_projection=True
     )
     model = RetinaNet(projected, rngs=nnx.Rngs(0))
-    base = nnx.eval_shape(lambda: RetinaNet(plain, rngs=nnx.Rngs(0)))
+    base = _abstract(backbone=TINY, heads="attention", num_classes=3, width=width)
     assert _params(model) - _params(base) == 13 * width * width
     layer = model.fpn.p6  # strided: the projection runs on the pooled map
     assert isinstance(layer, ProjectedAttention) and layer.projection.bias is None
@@ -98,7 +97,7 @@ def test_attention_projection_is_attention_then_a_pointwise_w_o():
     assert expected.shape == (2, 4, 4, width)
     for head in (model.class_head, model.box_head):
         for layer in head.layers:
-            assert 0.008 < float(jnp.std(layer.attention.value.kernel[...])) < 0.016
+            assert 0.008 < float(jnp.std(layer.attention.value.kernel[...])) < 0.012
 
 
 def test_spec_errors():
