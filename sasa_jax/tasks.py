@@ -68,7 +68,7 @@ class ClassificationTask:
         logits = model(images)
         smoothing = self.config.label_smoothing
         loss = cross_entropy(logits, batch["label"], self.num_classes, smoothing).mean()
-        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+        return loss, {"top1": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
     def eval_outputs(self, model, images, batch) -> dict:
         """Sums over the real (masked) examples of a padded global batch."""

@@ -77,6 +77,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
     if config.log_every_steps < 1 or config.checkpoint_every_steps < 1:
         raise ValueError("config.log_every_steps and config.checkpoint_every_steps must be >= 1")
+    accum = config.get("grad_accum_steps", 1)
+    if accum < 1 or config.batch_size % accum:
+        raise ValueError(
+            f"config.grad_accum_steps ({accum}) must be >= 1 and divide config.batch_size "
+            f"({config.batch_size})"
+        )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -91,6 +97,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"number of devices ({devices})"
             )
         data.per_process_batch(value, jax.process_count(), f"config.{name}")
+    accum = config.get("grad_accum_steps", 1)
+    if (config.batch_size // devices) % accum:
+        raise ValueError(
+            f"config.grad_accum_steps ({accum}) must divide the per-device batch "
+            f"({config.batch_size} // {devices} devices = {config.batch_size // devices})"
+        )
 
 
 def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> Schedule:
@@ -123,6 +135,31 @@ def make_schedule(config: ml_collections.ConfigDict, num_train_examples: int) ->
 def _host(value) -> np.ndarray:
     """A replicated global array's value on this host."""
     return np.asarray(value.addressable_data(0))
+
+
+class MetricWindow:
+    """The train metrics of the steps since the last log line: their means are logged as
+    ``train_loss`` and ``train_<name>`` for each scalar the task's loss reports (``top1`` for
+    classification; ``class_loss``, ``box_loss``, ``positives`` for detection), with the last
+    step's ``learning_rate``."""
+
+    def __init__(self):
+        self.metrics: list[dict] = []
+        self.finite: list = []
+        self.learning_rate = None
+
+    def add(self, metrics: dict, learning_rate) -> None:
+        self.metrics.append({k: v for k, v in metrics.items() if k != "finite"})
+        self.finite.append(metrics["finite"])
+        self.learning_rate = learning_rate
+
+    def means(self) -> dict[str, float]:
+        names = self.metrics[0].keys()
+        means = {
+            f"train_{name}": float(np.mean([float(_host(m[name])) for m in self.metrics]))
+            for name in names
+        }
+        return {**means, "learning_rate": float(self.learning_rate)}
 
 
 class _Stopper:
@@ -261,33 +298,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             flush=True,
         )
     last: dict[str, Any] = {}
-    window = {"loss": [], "finite": [], "learning_rate": None}
+    window = MetricWindow()
     timer, steps_timed, paused = time.perf_counter(), 0, 0.0
     try:
         with _Stopper() as stopper:
             for step in range(start + 1, schedule.total_steps + 1):
                 rate = learning_rates[step - 1]
                 state, metrics = step_fn(state, next(batches), rate)
-                window["loss"].append(metrics["loss"])
-                window["finite"].append(metrics["finite"])
-                window["learning_rate"] = rate
+                window.add(metrics, rate)
                 steps_timed += 1
                 final = step == schedule.total_steps
                 stop = stopper.agreed()
                 if step % schedule.log_every == 0 or final or stop:
-                    _check_finite(window["finite"], step, checkpointer)
+                    _check_finite(window.finite, step, checkpointer)
                     elapsed = time.perf_counter() - timer - paused
-                    losses = [float(_host(x)) for x in window["loss"]]
                     rate = steps_timed / elapsed
                     last = {
-                        "train_loss": float(np.mean(losses)),
-                        "learning_rate": float(window["learning_rate"]),
+                        **window.means(),
                         "steps_per_sec": rate,
                         "examples_per_sec": rate * schedule.global_batch,
                     }
                     writer.write(step, last)
                     progress.report(step, last["train_loss"], last["examples_per_sec"])
-                    window = {"loss": [], "finite": [], "learning_rate": None}
+                    window = MetricWindow()
                     timer, steps_timed, paused = time.perf_counter(), 0, 0.0
                 pause_start = time.perf_counter()
                 if step % schedule.eval_every == 0 or final:
@@ -304,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if primary:
                         print(f"eval at step {step}: {task.describe(results)}", flush=True)
                 if step % schedule.checkpoint_every == 0 or final or stop:
-                    _check_finite(window["finite"], step, checkpointer)
+                    _check_finite(window.finite, step, checkpointer)
                     checkpointer.save(step, state, batches)
                 paused += time.perf_counter() - pause_start
                 if stop:

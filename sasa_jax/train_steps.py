@@ -10,6 +10,7 @@ device order (``sasa_jax.parallel``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -56,14 +57,36 @@ def learning_rate_schedule(config, total_steps: int, warmup_steps: int) -> optax
     )
 
 
+def parameter_name(path: tuple) -> str:
+    """The attribute name of the parameter at a pytree ``path`` of an ``nnx.State`` (or of a
+    nested dict of arrays): the last dict key, so ``(..., 'norm1', 'scale', .value)`` is
+    ``"scale"``. The ``.value`` attribute an ``nnx.Variable`` adds to every path is skipped."""
+    for entry in reversed(path):
+        if isinstance(entry, jax.tree_util.DictKey):
+            return str(entry.key)
+    raise ValueError(f"no parameter name in the pytree path {jax.tree_util.keystr(path)}")
+
+
 def decay_mask(params: nnx.State) -> Any:
-    """True for weights that get weight decay: all but batch-norm scales/offsets and biases."""
+    """True for weights that get weight decay, False for batch-norm scales and offsets and for
+    every bias (``NO_DECAY``): a pytree of params' structure. Every other parameter is decayed:
+    convolution and projection kernels, the relative tables, the stem's value mixture and its
+    position and mixture embeddings (all of them multiply activations, as kernels do)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", path[-1])) not in NO_DECAY, params
+        lambda path, _: parameter_name(path) not in NO_DECAY, params
     )
 
 
 OPTIMIZERS = ("sgd", "adamw")
+
+
+def weight_decay(config) -> optax.GradientTransformation:
+    """Adds ``config.weight_decay * p`` to the direction of every decayed weight
+    (``decay_mask``). The rate lives in the optimiser state (``optax.inject_hyperparams``), so
+    runs that differ only in their weight decay compile the same program, and their exempt
+    parameters come out bit for bit the same."""
+    add = optax.inject_hyperparams(optax.add_decayed_weights, static_args=("mask",))
+    return add(weight_decay=config.weight_decay, mask=decay_mask)
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -71,20 +94,17 @@ def create_optimizer(config) -> optax.GradientTransformation:
     takes as an argument, so the compiled step does not depend on the schedule.
 
     ``config.optimizer``: ``"sgd"`` (the paper's): L2 weight decay (not on batch-norm scales
-    and offsets or biases), then (Nesterov) momentum -- ``optax.sgd`` with the schedule.
-    ``"adamw"``: Adam's direction plus decoupled weight decay on the same weights
-    (``optax.adamw``), for short runs from scratch.
+    and offsets or biases), then (Nesterov) momentum -- ``optax.sgd`` after
+    ``optax.add_decayed_weights``. ``"adamw"``: Adam's direction plus decoupled weight decay on
+    the same weights (``optax.adamw``), for short runs from scratch.
     """
     kind = config.get("optimizer", "sgd")
     if kind == "adamw":
-        return optax.chain(
-            optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay, mask=decay_mask)
-        )
+        return optax.chain(optax.scale_by_adam(), weight_decay(config))
     if kind != "sgd":
         raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
     return optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.trace(decay=config.momentum, nesterov=config.nesterov),
+        weight_decay(config), optax.trace(decay=config.momentum, nesterov=config.nesterov)
     )
 
 
@@ -106,6 +126,72 @@ def create_train_state(model, tx: optax.GradientTransformation, config):
     return graphdef, eval_graph, state
 
 
+def micro_batches(batch: dict, count: int) -> dict:
+    """``[b, ...] -> [count, b / count, ...]`` for every array of ``batch``: micro-batch ``i``
+    holds examples ``i, i + count, i + 2 count, ...``, so a batch sharded over devices gives
+    every micro-batch an equal share of each device's examples (no data moves)."""
+
+    def split(x):
+        if x.shape[0] % count:
+            raise ValueError(
+                f"a batch of {x.shape[0]} does not split into {count} micro-batches "
+                "(config.grad_accum_steps)"
+            )
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _gradients(graphdef, params, batch_stats, batch, *, config, task):
+    """The task's loss, its scalar metrics and the gradients on one (micro-)batch, and the
+    batch statistics the forward pass leaves behind."""
+    model = nnx.merge(graphdef, params, batch_stats)
+    images = data.normalize(batch["image"], dtype=compute_dtype(config))
+
+    def loss_fn(model):
+        return task.loss(model, images, batch)
+
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return grads, {"loss": loss, **metrics}, nnx.state(model, nnx.BatchStat)
+
+
+def accumulated_gradients(graphdef, params, batch_stats, batch, *, config, task):
+    """``(grads, metrics, batch_stats)`` over ``config.grad_accum_steps`` micro-batches of
+    ``batch``, one after another inside the compiled step (a ``lax.scan``): the gradients and
+    metrics are the micro-batches' means, so without batch norm they equal one step on the
+    whole batch. Each micro-batch is normalised by its own batch statistics (a batch of
+    ``b / grad_accum_steps``), and the running statistics are updated once per micro-batch."""
+    count = config.get("grad_accum_steps", 1)
+    if count == 1:
+        return _gradients(graphdef, params, batch_stats, batch, config=config, task=task)
+
+    def one(carry, micro):
+        # The parameters ride in the carry: NNX merges only variables of the scan's own trace.
+        params, grad_sum, metric_sum, stats = carry
+        grads, metrics, stats = _gradients(graphdef, params, stats, micro, config=config, task=task)
+        sums = (jax.tree.map(jnp.add, grad_sum, grads), _add(metric_sum, metrics))
+        return (params, *sums, stats), None
+
+    shapes = jax.eval_shape(
+        functools.partial(_gradients, config=config, task=task),
+        graphdef,
+        params,
+        batch_stats,
+        jax.tree.map(lambda x: x[0], micro_batches(batch, count)),
+    )
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[:2])
+    (_, grads, metrics, batch_stats), _ = jax.lax.scan(
+        one, (params, *zeros, batch_stats), micro_batches(batch, count)
+    )
+    scale = 1.0 / count
+    grads = jax.tree.map(lambda g: g * jnp.asarray(scale, g.dtype), grads)
+    return grads, jax.tree.map(lambda m: m * scale, metrics), batch_stats
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {key: a[key] + b[key].astype(a[key].dtype) for key in a}
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -117,25 +203,30 @@ def train_step(
     task,
     axis_name: str | None = None,
 ):
-    """One SGD step on a global batch at ``learning_rate`` (a float32 scalar) of
-    ``task.loss``; returns the new state and the loss's scalar metrics (with ``loss`` and
-    ``finite``).
+    """One optimiser step (``config.optimizer``) on a global batch at ``learning_rate`` (a
+    float32 scalar) of ``task.loss``, over ``config.grad_accum_steps`` micro-batches; returns
+    the new state and the loss's scalar metrics (with ``loss`` and ``finite``).
 
     With ``axis_name``, the step runs per device inside ``shard_map`` over that axis: ``batch``
     is the device's shard, and the gradients and metrics are averaged over the axis in
     device order (``parallel.ordered_mean``). ``graphdef``'s batch norms must then average over
     the same axis (``set_batch_axis``).
     """
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
-    images = data.normalize(batch["image"], dtype=compute_dtype(config))
-
-    def loss_fn(model):
-        return task.loss(model, images, batch)
-
-    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    metrics = {"loss": loss, **metrics}
+    grads, metrics, batch_stats = accumulated_gradients(
+        graphdef, state.params, state.batch_stats, batch, config=config, task=task
+    )
     if axis_name is not None:
         grads, metrics = parallel.ordered_mean((grads, metrics), axis_name)
+    new_state = apply_gradients(state, grads, batch_stats, learning_rate, tx=tx, config=config)
+    return new_state, {**metrics, "finite": jnp.isfinite(metrics["loss"])}
+
+
+def apply_gradients(
+    state: TrainState, grads, batch_stats, learning_rate: jax.Array, *, tx, config
+) -> TrainState:
+    """The state after one optimiser step: ``p - learning_rate * direction`` with ``tx``'s
+    direction for ``grads``, the EMA ``decay * ema + (1 - decay) * p`` of the new weights
+    (when ``config.ema_decay > 0``), and the step's ``batch_stats``."""
     direction, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(
         lambda p, d: p - (learning_rate * d).astype(p.dtype), state.params, direction
@@ -145,14 +236,13 @@ def train_step(
         ema = jax.tree.map(
             lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p, ema, params
         )
-    new_state = state.replace(
+    return state.replace(
         step=state.step + 1,
         params=params,
-        batch_stats=nnx.state(model, nnx.BatchStat),
+        batch_stats=batch_stats,
         opt_state=opt_state,
         ema_params=ema,
     )
-    return new_state, {**metrics, "finite": jnp.isfinite(metrics["loss"])}
 
 
 def eval_step(state: TrainState, batch: dict, *, graphdef, config, task) -> dict:

@@ -52,7 +52,9 @@ def test_digit_scenes_train_and_resume_from_half_way(tmp_path, monkeypatch):
     first = _final_eval(workdir)
     assert set(METRICS) <= set(first) and first["eval_examples"] == 6
     assert all(-1.0 <= first[name] <= 1.0 for name in METRICS)
-    assert np.isfinite(result["train_loss"])
+    for name in ("train_loss", "train_class_loss", "train_box_loss", "train_positives"):
+        assert np.isfinite(result[name]), name
+    assert result["train_positives"] > 0
     _, model, step = train_lib.load_run(str(workdir))
     weights = jax.tree.leaves(jax.tree.map(np.asarray, model.backbone.stages))
     assert step == 4

@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
     "step",
     "train_loss",
+    "train_top1",
     "learning_rate",
     "eval_top1",
     "eval_top5",
@@ -117,14 +118,15 @@ def _wait_for_step(workdir, step, proc, timeout=300):
     return False
 
 
-# The digits runs below train 10 steps. Two processes of 2 devices must log the very same 10
-# losses as one process of 4: the cross-device means add in device order (sasa_jax.parallel)
-# and train.py gives every layout the same XLA thread pool. (test_parallel.py checks the
-# ordered means and batch norm against XLA's own all-reduces.) Layouts with other per-device
-# shapes (1 device against 4) round differently inside XLA's kernels, and early training
-# amplifies 1-ulp differences (ReLU and max-pool gradients switch on them), so those compare
-# their first 5 losses.
+# The digits runs below train 10 steps of two micro-batches each. Two processes of 2 devices
+# must log the very same 10 losses as one process of 4: the cross-device means add in device
+# order (sasa_jax.parallel) and train.py gives every layout the same XLA thread pool.
+# (test_parallel.py checks the ordered means and batch norm against XLA's own all-reduces.)
+# Layouts with other per-device shapes (1 device against 4) round differently inside XLA's
+# kernels, and early training amplifies 1-ulp differences (ReLU and max-pool gradients switch
+# on them), so those compare their first 5 losses.
 STEPS = (
+    "--config.grad_accum_steps=2",  # two micro-batches a step, on every layout
     "--config.num_train_steps=10",
     "--config.log_every_steps=1",
     "--config.checkpoint_every_steps=5",
@@ -208,7 +210,8 @@ def _check_refusal_then_more_steps(workdir, tfds_dir):
     assert len(lines) == 1 and "model.width_multiplier: 0.25 there, 0.5 here" in lines[0]
     assert "new --workdir" in lines[0] and "Traceback" not in other.stderr
     records = read_metrics(workdir)
-    more = _run(workdir, tfds_dir, *STEPS[1:], "--config.num_train_steps=12")
+    longer = [s for s in STEPS if not s.startswith("--config.num_train_steps")]
+    more = _run(workdir, tfds_dir, *longer, "--config.num_train_steps=12")
     assert "resuming with num_train_steps changed from 10 to 12" in more.stdout
     assert "steps 11..12" in more.stdout
     steps = [r["step"] for r in read_metrics(workdir)]
@@ -309,12 +312,14 @@ def _fake_imagenet(builder, split, decoders=None, **kwargs):
 
 
 def test_mock_imagenet_end_to_end(tmp_path):
-    """The ImageNet recipe (bf16, EMA, Nesterov) on mock data, a tiny full-attention model."""
+    """The ImageNet recipe (bf16, EMA, Nesterov) on mock data, a tiny full-attention model,
+    two micro-batches a step."""
     config = _config("configs/imagenet.py", "depth=26,variant=full_attention,width=0.25,window=3")
     config.image_size = 32
     config.batch_size = config.eval_batch_size = 8
     config.num_train_steps = 2
     config.log_every_steps = 1
+    config.grad_accum_steps = 2
     config.data_dir = str(tmp_path / "tfds")
     with tfds.testing.mock_data(num_examples=20, as_data_source_fn=_fake_imagenet):
         result = train_lib.train_and_evaluate(config, str(tmp_path / "work"))

@@ -44,7 +44,7 @@ elsewhere."""
 
 COCO_HELP = """COCO 2017 is not prepared in array_record format under {data_dir}.
 Prepare it once (this step needs TensorFlow and downloads about 25 GB):
-  pip install -e ".[imagenet]"
+  pip install -e ".[coco]"
   tfds build coco/2017 --data_dir={data_dir} --file_format=array_record
 Training reads it without TensorFlow. Set --config.data_dir (or TFDS_DATA_DIR) to point
 elsewhere; for your own COCO-format folder use configs/coco_folder.py:DIR."""
