@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import types
 
 import chex
 import jax
@@ -556,7 +557,7 @@ def test_steps_split_heads_when_a_row_of_tiles_does_not_fit(monkeypatch):
 
 def test_auto_picks_by_backend_and_map_size_and_takes_new_rules(monkeypatch):
     from sasa_jax.attention import add_auto_rule, auto_choice, axis_window
-    from sasa_jax.attention.api import _REGISTRY
+    from sasa_jax.attention.registry import _REGISTRY
 
     def windows(size, window=7):
         return axis_window(size, window, 1, "mask"), axis_window(size, window, 1, "mask")
@@ -569,6 +570,10 @@ def test_auto_picks_by_backend_and_map_size_and_takes_new_rules(monkeypatch):
         assert auto_choice(shape, *windows(size), backend="cpu") == "native"
         assert auto_choice(shape, *windows(size), backend="gpu") == "pallas"
         assert auto_choice(shape, *windows(size), backend="tpu") == "pallas"
+    # A GPU before Ampere cannot run Pallas's Triton kernels: "auto" passes them over there.
+    for capability, expected in (("7.5", "tiled"), ("7.0", "tiled"), ("8.0", "pallas")):
+        gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
+        assert auto_choice((8, 28, 28, 8, 16), *windows(28), "gpu", gpu) == expected, capability
     # Without them: dense on small maps, tiled on large ones (on GPU dense only where the map
     # fits in one window, as measured on an H100).
     for name in ("native", "pallas"):

@@ -2,142 +2,43 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from sasa_jax.attention import dispatch
-from sasa_jax.attention.dispatch import Kernel
-from sasa_jax.attention.windows import BLOCKS, BORDERS, AxisWindow, axis_window, rel_length
+from sasa_jax.attention import dispatch, registry
+from sasa_jax.attention.dtypes import softmax_dtype
+from sasa_jax.attention.registry import (
+    BACKENDS,
+    Implementation,
+    add_auto_rule,
+    attention_implementations,
+    auto_choice,
+    register,
+    registered,
+)
+from sasa_jax.attention.windows import BLOCKS, BORDERS, axis_window, rel_length
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """A registered implementation of the op.
-
-    ``kernel`` (a ``dispatch.Kernel``: forward and backward passes that keep only the
-    log-sum-exp) makes it one of the per-platform choices of the op's primitive: how
-    "native", "pallas", "tiled" and "dense" run, and all that "auto" picks. ``fn(q, k, v,
-    rel_row, rel_col, rows, cols, return_weights)`` is called directly instead, with checked
-    arguments (``k`` and the tables may be None) and the ``AxisWindow`` of each axis, when
-    there is no kernel ("gather") or when the weights are asked for and ``fn`` computes them
-    itself; other implementations take their weights from "gather". ``available(backend)``
-    says whether it is offered on a JAX backend ("cpu", "gpu", "tpu"): listed by
-    ``attention_implementations`` and open to ``auto``. ``callable_on`` names backends where
-    it runs when asked for by name although it is not offered there (the Pallas kernels in
-    interpret mode on CPU, for tests).
-    """
-
-    name: str
-    fn: Callable[..., Any] | None = None
-    kernel: Kernel | None = None
-    available: Callable[[str], bool] = lambda backend: True
-    callable_on: tuple[str, ...] = ()
-
-
-_REGISTRY: dict[str, Implementation] = {}
-
-# The JAX backends "auto" chooses for (each lowering platform takes its backend's choice).
-BACKENDS = ("cpu", "gpu", "tpu")
-
-
-def register(impl: Implementation) -> None:
-    """Adds an implementation (each implementation module registers itself on import)."""
-    _REGISTRY[impl.name] = impl
-
-
-def registered(name: str) -> Implementation:
-    """The registered implementation called ``name`` (no availability check)."""
-    return _REGISTRY[name]
-
-
-# How "auto" chooses, per backend: rules tried in order, each ``(name, applies(q_shape,
-# rows, cols))``; the first that applies and is available wins, else "gather".
-_AUTO_RULES: dict[str, list[tuple[str, Callable[..., bool]]]] = {}
-
-
-def _window_covers_map(q_shape, rows: AxisWindow, cols: AxisWindow) -> bool:
-    """Dense attention wastes at most 4x the window's work: the map is small."""
-    return rows.size * cols.size <= 4 * rows.window * cols.window
-
-
-def _map_within_window(q_shape, rows: AxisWindow, cols: AxisWindow) -> bool:
-    """The map has no more positions than one window: dense attention wastes nothing."""
-    return rows.size * cols.size <= rows.window * cols.window
-
-
-def add_auto_rule(backend: str, name: str, applies: Callable[..., bool], first: bool = True):
-    """Makes ``auto`` pick implementation ``name`` on ``backend`` where ``applies(q_shape,
-    rows, cols)`` holds (checked before the existing rules, unless ``first=False``)."""
-    rules = _AUTO_RULES.setdefault(backend, _default_rules(backend))
-    rules.insert(0 if first else len(rules), (name, applies))
-
-
-def _default_rules(backend: str) -> list[tuple[str, Callable[..., bool]]]:
-    # The measurements behind these rules are in docs/performance.md. CPU: the C++ kernel
-    # ("native") beats every pure-JAX implementation at every ResNet stage shape; without it,
-    # dense wins where the window covers a quarter of the map or more, tiled elsewhere.
-    # GPU and TPU: the Pallas kernel (not yet timed on either). Without it, on GPU (an H100,
-    # batch 8) tiled beat dense from 14x14 up; TPU takes the CPU's pure-JAX rules.
-    if backend == "gpu":
-        return [
-            ("pallas", lambda *_: True),
-            ("dense", _map_within_window),
-            ("tiled", lambda *_: True),
-        ]
-    return [
-        ("native" if backend == "cpu" else "pallas", lambda *_: True),
-        ("dense", _window_covers_map),
-        ("tiled", lambda *_: True),
-    ]
-
-
-def auto_choice(
-    q_shape: tuple[int, ...], rows: AxisWindow, cols: AxisWindow, backend: str | None = None
-) -> str:
-    """The implementation ``auto`` runs for this shape and geometry on ``backend``."""
-    backend = backend or jax.default_backend()
-    for name, applies in _AUTO_RULES.get(backend) or _default_rules(backend):
-        impl = _REGISTRY.get(name)
-        if impl is not None and impl.available(backend) and applies(q_shape, rows, cols):
-            return name
-    return "gather"
-
-
-def _choices(name: str, q_shape, rows: AxisWindow, cols: AxisWindow) -> dict[str, str]:
-    """The implementation for each backend: ``auto``'s per-backend choice, or ``name``."""
-    if name == "auto":
-        return {backend: auto_choice(tuple(q_shape), rows, cols, backend) for backend in BACKENDS}
-    return dict.fromkeys(BACKENDS, name)
 
 
 def _attend(name: str, q, k, v, rel_row, rel_col, rows, cols, return_weights: bool):
     """Runs checked arguments: through the op's primitive when every backend's choice has a
     kernel, else by a direct call; the weights from ``fn`` or from "gather"."""
-    impl = _REGISTRY[name]
+    impl = registry.registered(name)
     if impl.kernel is None or (return_weights and impl.fn is not None):
         return impl.fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
-    choices = _choices(name, q.shape, rows, cols)
-    if any(_REGISTRY[c].kernel is None for c in choices.values()):
-        here = _REGISTRY[choices[jax.default_backend()]]
+    choices = registry.choices(name, q.shape, rows, cols)
+    if any(registry.registered(c).kernel is None for c in choices.values()):
+        here = registry.registered(choices[jax.default_backend()])
         return here.fn(q, k, v, rel_row, rel_col, rows, cols, return_weights)
-    out = dispatch.attention(q, k, v, rel_row, rel_col, rows, cols, choices)
+    out = dispatch.attention(q, k, v, rel_row, rel_col, rows, cols, choices, requested=name)
     if not return_weights:
         return out
-    weights = _REGISTRY["gather"].fn(q, k, v, rel_row, rel_col, rows, cols, True)[1]
+    weights = registry.registered("gather").fn(q, k, v, rel_row, rel_col, rows, cols, True)[1]
     return out, weights
-
-
-def attention_implementations(backend: str | None = None) -> list[str]:
-    """Names of the implementations offered on ``backend`` (default: JAX's default backend).
-    Listing builds nothing: the CPU kernel is compiled the first time the op runs on CPU."""
-    backend = backend or jax.default_backend()
-    return [name for name, impl in _REGISTRY.items() if impl.available(backend)]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -217,10 +118,10 @@ def _check_border(border: str, window: tuple[int, int], dilation: int, image: tu
 
 
 def _implementation(name: str) -> Implementation:
-    if name not in _REGISTRY:
-        raise ValueError(f"implementation must be one of {sorted(_REGISTRY)}, got {name!r}")
+    if name not in registry.names():
+        raise ValueError(f"implementation must be one of {registry.names()}, got {name!r}")
     backend = jax.default_backend()
-    impl = _REGISTRY[name]
+    impl = registry.registered(name)
     if not impl.available(backend) and backend not in impl.callable_on:
         raise ValueError(
             f"implementation {name!r} does not run on backend {backend!r}; "
@@ -352,25 +253,21 @@ def block_attention(
     rows = axis_window(image[0], block, 1, BLOCKS)
     cols = axis_window(image[1], block, 1, BLOCKS)
     tiles_shape = (q.shape[0] * (image[0] // block) * (image[1] // block), block, block)
-    choices = _choices(implementation, tiles_shape + tuple(q.shape[3:]), tile, tile)
+    choices = registry.choices(implementation, tiles_shape + tuple(q.shape[3:]), tile, tile)
     # "dense" on the whole map would attend across blocks; "tiled" with block-sized tiles
     # is exactly dense attention per block.
     choices = {b: "tiled" if c in ("dense", "gather") else c for b, c in choices.items()}
-    out = dispatch.attention(q, k, v, rel_row, rel_col, rows, cols, choices)
+    out = dispatch.attention(
+        q, k, v, rel_row, rel_col, rows, cols, choices, requested=implementation, blocks=True
+    )
     if not return_weights:
         return out
     tiles = [None if t is None else to_blocks(t, block) for t in (q, k, v)]
-    weights = _REGISTRY["gather"].fn(*tiles, rel_row, rel_col, tile, tile, True)[1]
+    weights = registry.registered("gather").fn(*tiles, rel_row, rel_col, tile, tile, True)[1]
     return out, weights
 
 
-def softmax_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype the softmax runs in: float32 for 16-bit inputs, else the input's."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 else dtype
-
-
-register(Implementation("auto", kernel=dispatch.Kernel(None, None)))
+register(Implementation("auto", kernel=registry.Kernel(None, None)))
 
 __all__ = [
     "BACKENDS",

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import dispatch as _jax_dispatch  # no public API for the set below
 from jax.extend import core
 from jax.interpreters import batching, mlir
 
+from sasa_jax.attention.per_device import per_device
+from sasa_jax.attention.registry import Kernel, auto_choice, registered
 from sasa_jax.attention.windows import axis_window
 
 Array = jax.Array
@@ -36,40 +37,85 @@ PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Kernel:
-    """An implementation's passes for the primitives.
-
-    ``forward(q, k, v, rel_row, rel_col, rows, cols, platform) -> (out, lse)`` and
-    ``backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, platform) -> (dq, dk,
-    dv, d_rel_row, d_rel_col)``, with ``k`` and the tables None when absent (their gradients
-    None too), ``rows``/``cols`` the ``AxisWindow`` of each axis (any border, or ``BLOCKS``)
-    and ``platform`` the lowering platform.
-    """
-
-    forward: Callable[..., tuple[Array, Array]]
-    backward: Callable[..., tuple[Any, ...]]
-
-
-@dataclasses.dataclass(frozen=True)
 class Static:
-    """The static parameters of one call: window specs, what is present, and the
-    implementation chosen for each backend (``(backend, name)`` pairs)."""
+    """The static parameters of one call: window specs, what is present, the implementation
+    asked for, whether the windows are ``block_attention``'s, and the implementation chosen for
+    each backend (``(backend, name)`` pairs)."""
 
     rows: tuple[int, int, int, str]
     cols: tuple[int, int, int, str]
     has_key: bool
     has_rel: bool
+    requested: str
+    blocks: bool
     choices: tuple[tuple[str, str], ...]
+    heads: int
 
-    def kernel(self, platform: str) -> Kernel:
-        from sasa_jax.attention.api import registered
-
-        return registered(dict(self.choices)[PLATFORMS[platform]]).kernel
+    def kernel(self, platform: str, ctx) -> Kernel:
+        """The kernel of the implementation chosen for ``platform``. Where the device the call
+        is compiled for cannot run it (the Triton kernels before Ampere), "auto" takes its next
+        rule and a name asked for raises ValueError."""
+        backend = PLATFORMS[platform]
+        name = dict(self.choices)[backend]
+        device = _device(ctx)
+        if device is None or registered(name).supports(device):
+            return registered(name).kernel
+        kind = getattr(device, "device_kind", "this device")
+        if self.requested != "auto":
+            raise ValueError(
+                f"implementation {name!r} does not run on {kind}; use implementation='auto'"
+            )
+        shape = tuple(ctx.avals_in[0].shape)
+        rows, cols = axis_window(*self.rows), axis_window(*self.cols)
+        name = auto_choice(shape, rows, cols, backend, device)
+        if name == "gather" or (self.blocks and name == "dense"):
+            name = "tiled"  # a kernel that also runs blocks on the whole map
+        return registered(name).kernel
 
     def unpack(self, k, rel_row, rel_col):
         """The placeholders of absent arguments back to None."""
         k = k if self.has_key else None
         return (k, rel_row, rel_col) if self.has_rel else (k, None, None)
+
+    def heads_apart(self, x):
+        """``[b, H, W, n*c] -> [b, H, W, n, c]`` (placeholders as they are)."""
+        if x.ndim != 4:
+            return x
+        return x.reshape(*x.shape[:3], self.heads, x.shape[3] // self.heads)
+
+
+# The primitives take and give q, k, v, outputs and their gradients as [b, H, W, n*c] and the
+# log-sum-exp as [b, n, H*W]: on TPU an array's last two dimensions are tiled (8, 128), so the
+# op's own [b, H, W, n, c] would be padded up to 32x wherever XLA keeps it (the residuals saved
+# for the backward pass). The lowering rules give the kernels the op's layout.
+
+
+def _heads_together(x):
+    """``[b, H, W, n, c] -> [b, H, W, n*c]``."""
+    return x.reshape(*x.shape[:3], -1)
+
+
+def _lse_out(lse):
+    """A kernel's ``[b, H, W, n]`` log-sum-exp as the primitive's ``[b, n, H*W]``."""
+    b, h, w, n = lse.shape
+    return lse.reshape(b, h * w, n).transpose(0, 2, 1)
+
+
+def _lse_in(lse, shape):
+    """The primitive's ``[b, n, H*W]`` log-sum-exp as a kernel's ``[b, H, W, n]``."""
+    b, h, w = shape[:3]
+    return lse.transpose(0, 2, 1).reshape(b, h, w, -1)
+
+
+def _device(ctx):
+    """A device the lowering compiles for, when the context knows its devices."""
+    context = ctx.module_context.axis_context
+    assignment = getattr(context, "device_assignment", None)
+    if assignment:
+        return assignment[0]
+    mesh = getattr(context, "mesh", None)
+    devices = getattr(mesh, "devices", None)
+    return None if devices is None else np.asarray(devices).flat[0]
 
 
 attention_p = core.Primitive("sasa_attention")
@@ -79,9 +125,10 @@ attention_bwd_p.multiple_results = True
 
 
 def _forward_abstract(q, k, v, rel_row, rel_col, *, static: Static):
+    b, h, w = q.shape[:3]
     return (
         jax.core.ShapedArray(v.shape, v.dtype),
-        jax.core.ShapedArray(q.shape[:4], jnp.float32),
+        jax.core.ShapedArray((b, static.heads, h * w), jnp.float32),
     )
 
 
@@ -90,28 +137,40 @@ def _backward_abstract(q, k, v, rel_row, rel_col, out, lse, d_out, *, static: St
 
 
 def _forward_rule(platform: str):
-    def forward(q, k, v, rel_row, rel_col, *, static: Static):
+    def forward(q, k, v, rel_row, rel_col, *, static: Static, kernel: Kernel):
         rows, cols = axis_window(*static.rows), axis_window(*static.cols)
+        q, k, v = (static.heads_apart(x) for x in (q, k, v))
         k, rel_row, rel_col = static.unpack(k, rel_row, rel_col)
-        return static.kernel(platform).forward(q, k, v, rel_row, rel_col, rows, cols, platform)
+        out, lse = kernel.forward(q, k, v, rel_row, rel_col, rows, cols, platform)
+        return [_heads_together(out), _lse_out(lse)]
 
-    return mlir.lower_fun(forward, multiple_results=True)
+    def rule(ctx, *args, static: Static):
+        kernel = static.kernel(platform, ctx)
+        fn = per_device(ctx, functools.partial(forward, static=static, kernel=kernel))
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+    return rule
 
 
 def _backward_rule(platform: str):
-    def backward(q, k, v, rel_row, rel_col, out, lse, d_out, *, static: Static):
+    def backward(q, k, v, rel_row, rel_col, out, lse, d_out, *, static: Static, kernel: Kernel):
         rows, cols = axis_window(*static.rows), axis_window(*static.cols)
-        key, row, col = static.unpack(k, rel_row, rel_col)
-        grads = static.kernel(platform).backward(
-            q, key, v, row, col, out, lse, d_out, rows, cols, platform
-        )
         placeholders = (q, k, v, rel_row, rel_col)
+        q, k, v, out, d_out = (static.heads_apart(x) for x in (q, k, v, out, d_out))
+        lse = _lse_in(lse, q.shape)
+        key, row, col = static.unpack(k, rel_row, rel_col)
+        grads = kernel.backward(q, key, v, row, col, out, lse, d_out, rows, cols, platform)
         return [
-            jnp.zeros_like(p) if g is None else g.astype(p.dtype)
+            jnp.zeros_like(p) if g is None else g.reshape(p.shape).astype(p.dtype)
             for g, p in zip(grads, placeholders, strict=True)
         ]
 
-    return mlir.lower_fun(backward, multiple_results=True)
+    def rule(ctx, *args, static: Static):
+        kernel = static.kernel(platform, ctx)
+        fn = per_device(ctx, functools.partial(backward, static=static, kernel=kernel))
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+    return rule
 
 
 def _eager(primitive):
@@ -151,8 +210,9 @@ def _batching(primitive, outputs: int):
 batching.primitive_batchers[attention_p] = _batching(attention_p, 2)
 batching.primitive_batchers[attention_bwd_p] = _batching(attention_bwd_p, 5)
 
-# The CPU lowering holds ``custom_partitioning`` calls (the C++ kernel runs per device), which
-# need the devices when they are lowered: say so, as jax's own such primitives do.
+# Over several devices the lowering runs the kernels under a ``shard_map`` over the jit's
+# devices (``per_device``), which needs them when it is lowered: say so, as jax's own such
+# primitives do.
 _jax_dispatch.prim_requires_devices_during_lowering.update({attention_p, attention_bwd_p})
 
 
@@ -173,19 +233,36 @@ def _attention_bwd(static: Static, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q, k, v, rel_row, rel_col, rows, cols, choices: dict[str, str]) -> Array:
+def attention(
+    q,
+    k,
+    v,
+    rel_row,
+    rel_col,
+    rows,
+    cols,
+    choices: dict[str, str],
+    *,
+    requested: str = "auto",
+    blocks: bool = False,
+) -> Array:
     """``[b, H, W, heads, dim_v]``: the implementations ``choices`` (backend -> name, each
     with a ``Kernel``) on the windows ``rows``/``cols``, for whichever platform it is lowered
-    for. ``k`` and the tables may be None."""
+    for. ``k`` and the tables may be None; ``requested`` is the implementation asked for and
+    ``blocks`` says the windows are ``block_attention``'s."""
     static = Static(
         rows.spec,
         cols.spec,
         k is not None,
         rel_row is not None,
+        requested,
+        blocks,
         tuple(sorted(choices.items())),
+        q.shape[3],
     )
     placeholder = jnp.zeros((0,), q.dtype)
-    k = placeholder if k is None else k
+    k = placeholder if k is None else _heads_together(k)
     if rel_row is None:
         rel_row = rel_col = placeholder
-    return _attention(q, k, v, rel_row, rel_col, static)
+    out = _attention(_heads_together(q), k, _heads_together(v), rel_row, rel_col, static)
+    return static.heads_apart(out)

@@ -12,7 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sasa_jax.attention.api import Implementation, register, softmax_dtype
+from sasa_jax.attention.dtypes import softmax_dtype
+from sasa_jax.attention.registry import Implementation, register
 from sasa_jax.attention.windows import AxisWindow
 
 Array = jax.Array

@@ -9,8 +9,8 @@ it (its header describes the layout and numerics). It registers through ``jax.ff
 custom calls (``native_build``) and returns the same numbers as every other implementation.
 
 It is the CPU lowering of the op's primitive (``dispatch``): ``forward`` returns the output
-and the log-sum-exp, ``backward`` the gradients from them. Each custom call runs per image on
-a sharded batch (``per_device``). Its scratch is an output buffer, so XLA counts it as temp
+and the log-sum-exp, ``backward`` the gradients from them; over several devices each runs on its
+own images (``per_device``). Its scratch is an output buffer, so XLA counts it as temp
 memory; its shape comes from the kernel's own ``SasaWorkspace``, the function the kernel uses
 to split its work.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import os
 
 import jax
@@ -27,9 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention import native_build
-from sasa_jax.attention.api import Implementation, register, registered
-from sasa_jax.attention.dispatch import Kernel
-from sasa_jax.attention.per_device import per_image
+from sasa_jax.attention.registry import Implementation, Kernel, register, registered
 from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
@@ -157,25 +154,6 @@ def _backward_call(q, k, v, d_out, top, total, delta, rel_row, rel_col, geometry
     return dq, dk, dv, d_row.sum(axis=0), d_col.sum(axis=0)
 
 
-@functools.cache
-def _forward_op(geometry: Geometry):
-    return per_image(
-        _forward_call, geometry, (5, 5, 5, 2, 2), (1, 1, 1, 0, 0), (5, 4, 4), (1, 1, 1)
-    )
-
-
-@functools.cache
-def _backward_op(geometry: Geometry):
-    return per_image(
-        _backward_call,
-        geometry,
-        (5, 5, 5, 5, 4, 4, 4, 2, 2),
-        (1, 1, 1, 1, 1, 1, 1, 0, 0),
-        (5, 5, 5, 2, 2),
-        (1, 1, 1, 0, 0),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # The primitive's passes.
 
@@ -201,7 +179,7 @@ def _operands(q, k, v, rel_row, rel_col):
 def forward(q, k, v, rel_row, rel_col, rows, cols, platform):
     """The output and each query's log-sum-exp (natural log)."""
     geometry = _geometry(q, k, rel_row, rows, cols)
-    out, top, total = _forward_op(geometry)(*_operands(q, k, v, rel_row, rel_col))
+    out, top, total = _forward_call(*_operands(q, k, v, rel_row, rel_col), geometry)
     return out.astype(v.dtype), (top + jnp.log2(total)) * LN2
 
 
@@ -213,8 +191,8 @@ def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, platform):
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [b, h, w, heads]
     top = lse / LN2
-    dq, dk, dv, d_row, d_col = _backward_op(geometry)(
-        q32, keys, v32, d_out, top, jnp.ones_like(top), delta, row32, col32
+    dq, dk, dv, d_row, d_col = _backward_call(
+        q32, keys, v32, d_out, top, jnp.ones_like(top), delta, row32, col32, geometry
     )
     return (
         dq.astype(q.dtype),

@@ -1,107 +1,78 @@
-"""Running an opaque per-image computation (a custom call) on sharded batches and under vmap.
+"""Lowering the op's kernels per device under ``jax.jit`` over several devices.
 
-A custom call is opaque to XLA's SPMD partitioner, which would gather a batch-sharded input
-onto every device and run the whole batch there. ``per_image`` wraps such a call so that under
-``jax.jit`` with a sharded batch every device runs it on its own images (results that are sums
-over the batch are then summed over the batch's mesh axes), and so that ``jax.vmap`` maps it
-over the vmapped axis one slice at a time.
+A kernel (the C++ custom call, a Pallas call) is opaque to XLA's partitioner: XLA would gather
+a batch-sharded input onto every device and run the whole batch there (the CPU and GPU
+kernels), or refuse to compile it at all (Mosaic: "cannot be automatically partitioned").
+``jax.experimental.custom_partitioning`` is the documented way out, but its callbacks are not
+reached on TPU (jax-ml/jax#38196). So when the op's primitive is lowered inside a ``jax.jit``
+over several devices, its lowering rule runs the kernel under a ``jax.shard_map`` over the
+jit's own devices, whose mesh it takes from the lowering context: every operand and result
+that leads with the batch (rank >= 3) is split over all mesh axes, the others (tables) are
+replicated, and a result without a batch (a table's gradient) is summed over the devices. A
+batch that does not divide over the devices runs whole on every device (XLA's own choice for
+an opaque call). Inside ``shard_map`` (the trainer's path) or on one device nothing changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+from jax._src import sharding_impls  # the lowering context's type; no public API
+from jax.sharding import Mesh, PartitionSpec
+
+# The axis name of a mesh made for a jit whose inputs name none.
+DEVICES_AXIS = "sasa_devices"
 
 
-def _batch_axes(sharding) -> str | tuple[str, ...] | None:
-    """The mesh axes that split the leading (batch) dimension, or None."""
-    spec = getattr(sharding, "spec", ())
-    return spec[0] if len(spec) else None
+def _batched(aval) -> bool:
+    """The primitives' operands and results that lead with the batch: q, k, v, outputs and
+    their gradients ``[b, H, W, n*c]`` and log-sum-exps ``[b, n, H*W]`` (not the tables
+    ``[L, d]`` or the 1-D stand-ins for absent arguments)."""
+    return len(aval.shape) >= 3
 
 
-def _sharding_rule(arg_ranks, batched_args, result_ranks, batched_results):
-    """Shardy's rule as a string and the factors that must stay whole: a batch factor ``b``
-    shared by the batched operands and results, and a factor of its own for every other
-    dimension."""
-    whole: list[str] = []
-
-    def operand(tag: str, rank: int, batched: bool) -> str:
-        dims = [f"{tag}{i}" for i in range(1 if batched else 0, rank)]
-        whole.extend(dims)
-        return " ".join((["b"] if batched else []) + dims)
-
-    ins = [
-        operand(f"in{j}d", r, b)
-        for j, (r, b) in enumerate(zip(arg_ranks, batched_args, strict=True))
-    ]
-    outs = [
-        operand(f"out{j}d", r, b)
-        for j, (r, b) in enumerate(zip(result_ranks, batched_results, strict=True))
-    ]
-    return ", ".join(ins) + " -> " + ", ".join(outs), tuple(whole)
+def _mesh(context: sharding_impls.ShardingContext) -> Mesh:
+    """The jit's devices as a mesh: the inputs' mesh axes when the context knows them."""
+    devices = np.array(context.device_assignment, dtype=object)
+    abstract = context.abstract_mesh
+    if abstract is not None and abstract.size == devices.size and abstract.axis_names:
+        return Mesh(devices.reshape(abstract.axis_sizes), abstract.axis_names)
+    return Mesh(devices, (DEVICES_AXIS,))
 
 
-def per_image(call, geometry, arg_ranks, batched_args, result_ranks, batched_results):
-    """``call(*arrays, geometry)`` as a function of the arrays that XLA partitions over the
-    batch and ``jax.vmap`` maps over: ``batched_args``/``batched_results`` say which arrays
-    lead with the batch (the others are replicated; an unbatched result is a sum over the
-    batch)."""
-
-    def local(*args):
-        return call(*args, geometry)
-
-    def shardings(mesh, axes, batched):
-        split = NamedSharding(mesh, PartitionSpec(axes))
-        whole = NamedSharding(mesh, PartitionSpec())
-        return tuple(split if b else whole for b in batched)
-
-    def partition(mesh, arg_shapes, result_shape):
-        del result_shape
-        axes = _batch_axes(arg_shapes[0].sharding)
-        arg_shardings = shardings(mesh, axes, batched_args)
-        result_shardings = shardings(mesh, axes, batched_results)
-
-        def lower(*args):
-            outs = local(*args)
-            if axes is None:
-                return outs
-            return tuple(
-                o if b else jax.lax.psum(o, axes)
-                for o, b in zip(outs, batched_results, strict=True)
-            )
-
-        return mesh, lower, result_shardings, arg_shardings
-
-    def infer(mesh, arg_shapes, result_shape):
-        del result_shape
-        return shardings(mesh, _batch_axes(arg_shapes[0].sharding), batched_results)
-
-    rule, whole_factors = _sharding_rule(arg_ranks, batched_args, result_ranks, batched_results)
-    sharded = custom_partitioning(local)
-    sharded.def_partition(
-        partition=partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule=rule,
-        need_replication_factors=whole_factors,
+def per_device(ctx, fn: Callable) -> Callable:
+    """``fn`` (the primitive's pass, returning a list of arrays) to lower in ``ctx``: under a
+    ``shard_map`` over the jit's devices when ``ctx`` is a jit over several of them (see the
+    module docstring), else ``fn`` itself."""
+    context = ctx.module_context.axis_context
+    if not isinstance(context, sharding_impls.ShardingContext) or context.num_devices == 1:
+        return fn
+    if context.device_assignment is None:
+        raise NotImplementedError(
+            "the attention op needs its devices when it is lowered over several of them"
+        )
+    mesh = _mesh(context)
+    axes = tuple(mesh.axis_names)
+    batch = ctx.avals_in[0].shape[0]
+    split = batch % mesh.size == 0
+    ins = tuple(
+        PartitionSpec(axes) if split and _batched(a) else PartitionSpec() for a in ctx.avals_in
+    )
+    outs = tuple(
+        PartitionSpec(axes) if split and _batched(a) else PartitionSpec() for a in ctx.avals_out
     )
 
-    @jax.custom_batching.custom_vmap
-    def op(*args):
-        return sharded(*args)
+    def local(*args):
+        results = fn(*args)
+        return tuple(
+            r if not split or _batched(a) else jax.lax.psum(r, axes)
+            for r, a in zip(results, ctx.avals_out, strict=True)
+        )
 
-    @op.def_vmap
-    def _(axis_size, in_batched, *args):
-        del axis_size
-        mapped = tuple(a for a, b in zip(args, in_batched, strict=True) if b)
-
-        def one(slices):
-            it = iter(slices)
-            return op(*(next(it) if b else a for a, b in zip(args, in_batched, strict=True)))
-
-        return jax.lax.map(one, mapped), (True,) * len(batched_results)
-
-    return op
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=ins, out_specs=outs, check_vma=False)
+    return lambda *args: list(sharded(*args))
 
 
-__all__ = ["per_image"]
+__all__ = ["per_device"]

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention import tiles
-from sasa_jax.attention.api import Implementation, register, softmax_dtype
-from sasa_jax.attention.dispatch import Kernel
+from sasa_jax.attention.dtypes import softmax_dtype
+from sasa_jax.attention.registry import Implementation, Kernel, register
 from sasa_jax.attention.tiles import MASKED, AxisTiles, Plan, plan, tap_keys
 from sasa_jax.attention.windows import BLOCKS, AxisWindow, tap_weights
 
