@@ -104,9 +104,7 @@ class Conv1x1(nnx.Conv):
             raise ValueError("Conv1x1 takes no mask and no feature groups")
 
     def __call__(self, x: Array) -> Array:
-        step = self.strides
-        if step != 1:
-            x = x[:, ::step, ::step]
+        x = subsample(x, self.strides)
         kernel = self.kernel[...].reshape(self.in_features, self.out_features)
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
@@ -119,6 +117,17 @@ class Conv1x1(nnx.Conv):
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def subsample(x: Array, step: int) -> Array:
+    """Every ``step``-th pixel of ``[b, h, w, c]`` from the first: ``x[:, ::step, ::step]``,
+    as a reshape and an index (XLA's GPU Triton GEMM fusion aborts the process on the strided
+    slice feeding a matmul's gradient)."""
+    if step == 1:
+        return x
+    b, h, w, c = x.shape
+    x = jnp.pad(x, [(0, 0), (0, -h % step), (0, -w % step), (0, 0)])
+    return x.reshape(b, x.shape[1] // step, step, x.shape[2] // step, step, c)[:, :, 0, :, 0]
 
 
 def attention(**layer_kwargs) -> SpatialFactory:
@@ -153,12 +162,22 @@ class ConvStem(nnx.Module):
 
 def block_max(x: Array, block: int) -> Array:
     """Max pool over non-overlapping ``block x block`` tiles of ``[b, H, W, c]`` (H and W
-    multiples of ``block``): the same numbers as ``nnx.max_pool`` with stride = window. As a
-    reshape and a max its gradient is one elementwise mask; ``max_pool``'s goes through a
-    variadic reduce-window over four index planes of the input's size, which took ~300 ms of a
-    full-attention ResNet-50 step at 224x224 on a 2-core CPU (benchmarks/models.py)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // block, block, w // block, block, c).max(axis=(2, 4))
+    multiples of ``block``): ``nnx.max_pool`` with stride = window, lowered per platform. On
+    CPU and GPU as a reshape and a max, whose gradient is one elementwise mask: ``max_pool``'s
+    goes through a variadic reduce-window over four index planes of the input's size, which
+    took ~300 ms of a full-attention ResNet-50 step at 224x224 on a 2-core CPU
+    (benchmarks/models.py) and 0.04 GB more of a ResNet-26's step on an H100 (128x128, batch
+    8). On TPU ``max_pool`` itself: there the reshape's 6-D gradient is laid out with its
+    channels split and padded 8x (0.3 GB more of the same step on a v5e)."""
+
+    def by_reshape(x):
+        b, h, w, c = x.shape
+        return x.reshape(b, h // block, block, w // block, block, c).max(axis=(2, 4))
+
+    def by_pool(x):
+        return nnx.max_pool(x, (block, block), strides=(block, block))
+
+    return jax.lax.platform_dependent(x, tpu=by_pool, default=by_reshape)
 
 
 class AttentionStem(nnx.Module):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+LANES = 128  # a TPU vector register's lanes
+
 
 def _sum_in_order(rows: jax.Array) -> jax.Array:
     """``[n, ...] -> [...]``: ``((rows[0] + rows[1]) + rows[2]) + ...``, spelled out."""
@@ -45,17 +47,28 @@ def ordered_mean(tree: Any, axis_name: str) -> Any:
         return tree
     n = lax.axis_size(axis_name)
     dtype = jnp.result_type(*leaves)
-    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-    chunk = -(-flat.size // n)
-    flat = jnp.pad(flat, (0, chunk * n - flat.size)).reshape(n, chunk)
-    received = lax.all_to_all(flat, axis_name, split_axis=0, concat_axis=0)  # [n, chunk]
+    # Every leaf as rows of LANES values, stacked: on TPU a flat vector (or a [n, chunk]
+    # split of it) gets laid out with a short dimension last and padded to 128 lanes.
+    rows = [_as_rows(leaf.astype(dtype)) for leaf in leaves]
+    stacked = jnp.concatenate(rows, axis=0)
+    per_device = -(-stacked.shape[0] // n)
+    stacked = jnp.pad(stacked, [(0, n * per_device - stacked.shape[0]), (0, 0)])
+    split = stacked.reshape(n, per_device, LANES)
+    received = lax.all_to_all(split, axis_name, split_axis=0, concat_axis=0)  # [n, rows, 128]
     mine = _sum_in_order(received) / n
-    whole = lax.all_gather(mine, axis_name).reshape(-1)
+    whole = lax.all_gather(mine, axis_name).reshape(n * per_device, LANES)
     out, start = [], 0
-    for leaf in leaves:
-        out.append(whole[start : start + leaf.size].reshape(leaf.shape).astype(leaf.dtype))
-        start += leaf.size
+    for leaf, block in zip(leaves, rows, strict=True):
+        values = whole[start : start + block.shape[0]].reshape(-1)[: leaf.size]
+        out.append(values.reshape(leaf.shape).astype(leaf.dtype))
+        start += block.shape[0]
     return jax.tree.unflatten(treedef, out)
+
+
+def _as_rows(x: jax.Array) -> jax.Array:
+    """``x`` raveled and zero-padded into ``[rows, LANES]``."""
+    flat = jnp.ravel(x)
+    return jnp.pad(flat, (0, -flat.size % LANES)).reshape(-1, LANES)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
