@@ -212,7 +212,7 @@ def evaluate(state, splits, config, *, task, eval_fn, batch_sharding) -> dict[st
     return task.summarize(outputs)
 
 
-def _compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_sharding):
+def compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_sharding):
     """``step(state, batch, learning_rate) -> (state, metrics)``, jitted over the mesh (per
     device under ``shard_map`` with ``axis_name``); the state is donated."""
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -240,6 +240,16 @@ def _compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_shar
     )
 
 
+def compiled_eval_step(config, eval_graph, task, mesh, batch_sharding):
+    """``eval(state, batch) -> the task's eval outputs``, jitted over the mesh."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        functools.partial(eval_step, graphdef=eval_graph, config=config, task=task),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=replicated,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the last
     metrics written. Raises FloatingPointError if the loss stops being finite."""
@@ -264,12 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = create_optimizer(config)
     graphdef, eval_graph, state = create_train_state(model, tx, config)
     state = jax.device_put(state, replicated)
-    step_fn = _compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_sharding)
-    eval_fn = jax.jit(
-        functools.partial(eval_step, graphdef=eval_graph, config=config, task=task),
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=replicated,
-    )
+    step_fn = compiled_train_step(config, graphdef, tx, task, mesh, axis_name, batch_sharding)
+    eval_fn = compiled_eval_step(config, eval_graph, task, mesh, batch_sharding)
 
     dataset = data.train_dataset(
         splits.train,

@@ -119,6 +119,16 @@ class DetectionAugment:
             "valid": pad_rows(np.ones(len(boxes), bool), self.max_boxes, False),
         }
 
+    def empty(self) -> Example:
+        """An example of the training batch's shapes and dtypes (zeros, no valid box)."""
+        m = self.max_boxes
+        return {
+            "image": np.zeros((self.size, self.size, 3), np.uint8),
+            "boxes": np.zeros((m, 4), np.float32),
+            "classes": np.zeros((m,), np.int32),
+            "valid": np.zeros((m,), bool),
+        }
+
 
 @dataclasses.dataclass(frozen=True)
 class DetectionEval:

@@ -56,9 +56,12 @@ def shard(records: Sequence, process_index: int, process_count: int) -> grain.Ma
 
 class Augment(Protocol):
     """What ``train_dataset`` needs of an augmentation: one training example of a record
-    (``TrainAugment`` for classification, ``DetectionAugment`` for detection)."""
+    (``TrainAugment`` for classification, ``DetectionAugment`` for detection), and an example
+    of zeros with the batch's shapes and dtypes (compiling without data: ``sasa_jax.aot``)."""
 
     def example(self, record: dict[str, Any], rng: np.random.Generator) -> Batch: ...
+
+    def empty(self) -> Batch: ...
 
 
 class EvalExample(Protocol):

@@ -49,6 +49,10 @@ class TrainAugment:
             "label": np.int32(record["label"]),
         }
 
+    def empty(self) -> dict[str, np.ndarray]:
+        """An example of the training batch's shapes and dtypes (zeros)."""
+        return {"image": np.zeros((self.size, self.size, 3), np.uint8), "label": np.int32(0)}
+
 
 def sample_crop(
     width: int, height: int, rng: np.random.Generator, area_range, ratio_range, attempts: int = 10
