@@ -8,8 +8,8 @@ import pathlib
 
 import pytest
 
-from sasa_jax import config_lib
 from sasa_jax.analysis.compile_report import compile_steps
+from sasa_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

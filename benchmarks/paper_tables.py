@@ -13,8 +13,8 @@ import argparse
 import json
 import pathlib
 
-from sasa_jax import config_lib
-from sasa_jax.summary import summarize_config
+from sasa_jax.analysis.model_summary import summarize_config
+from sasa_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSA = "variant=conv_stem_attention"

@@ -15,7 +15,7 @@ model; not measured here (no COCO and no accelerator on this machine). Expect se
 8 accelerators.
 """
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):

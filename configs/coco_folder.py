@@ -19,8 +19,8 @@ On that folder, measured on a 2-core CPU from an empty TFDS dir: AP 0.645, AP50 
 700 steps in 248 s (0.439 / 0.782 at the step-200 eval; the README's results table).
 """
 
-from sasa_jax import config_lib
 from sasa_jax.data.coco_folder import folder_statistics
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -43,11 +43,7 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 20
     config.eval_every_steps = 5 * max(1, stats["train_images"] // config.batch_size)
     config.checkpoint_every_steps = 200
-    config.model.depth = 26
-    config.model.variant = "conv_stem_attention"
-    config.model.width_multiplier = 0.25
-    config.model.window = 5
-    config.model.bn_momentum = 0.9
+    config_lib.small_model(config)
     config.model.num_classes = stats["num_classes"]
     config.detection.heads = "conv"
     config.detection.fpn_width = 64

@@ -11,7 +11,7 @@ Expect about 0.98-0.99 test top-1 (the last eval_top1 in metrics.jsonl; 0.989, 0
 model fields like configs/imagenet.py, e.g. --config=configs/digits.py:variant=baseline.
 """
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -33,10 +33,6 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 20
     config.eval_every_steps = -1  # every epoch
     config.checkpoint_every_steps = 100
-    config.model.depth = 26
-    config.model.variant = "conv_stem_attention"
-    config.model.width_multiplier = 0.25
-    config.model.window = 5
-    config.model.bn_momentum = 0.9
+    config_lib.small_model(config)
     config.model.num_classes = 10
     return config_lib.apply_model_arg(config, arg)

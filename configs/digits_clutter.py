@@ -16,7 +16,7 @@ python -m sasa_jax.sweep (4 epochs a run there).
 
 import pathlib
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):

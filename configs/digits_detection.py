@@ -15,7 +15,7 @@ docs/detection.md has what each part is worth. The argument selects model and de
 fields as for configs/coco.py, e.g. --config=configs/digits_detection.py:heads=attention.
 """
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -33,11 +33,7 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 20
     config.eval_every_steps = 468  # every 6 epochs
     config.checkpoint_every_steps = 100
-    config.model.depth = 26
-    config.model.variant = "conv_stem_attention"
-    config.model.width_multiplier = 0.25
-    config.model.window = 5
-    config.model.bn_momentum = 0.9
+    config_lib.small_model(config)
     config.model.num_classes = 10
     config.detection.heads = "conv"
     config.detection.fpn_width = 64

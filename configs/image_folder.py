@@ -13,7 +13,7 @@ Expect on those patches about 0.98 test top-1 (92 held-out patches; 0.978 measur
 minutes on a 2-core CPU (the README's results table).
 """
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):
@@ -37,9 +37,5 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 20
     config.eval_every_steps = -1
     config.checkpoint_every_steps = 200
-    config.model.depth = 26
-    config.model.variant = "conv_stem_attention"
-    config.model.width_multiplier = 0.25
-    config.model.window = 5
-    config.model.bn_momentum = 0.9
+    config_lib.small_model(config)
     return config_lib.apply_model_arg(config, model_arg)

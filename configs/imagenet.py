@@ -18,7 +18,7 @@ Expected (paper, Table 1, 224x224, 130 epochs): ResNet-50 full attention 77.6% t
 can be overridden with --config.FIELD=VALUE.
 """
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 
 def get_config(arg: str | None = None):

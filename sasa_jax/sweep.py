@@ -1,20 +1,22 @@
-r"""Config-driven ablations: every cell of a grid, for several seeds, as ordinary train.py runs.
+r"""Config-driven ablations: every cell of a grid, for several seeds, as ordinary training runs.
 
   python -m sasa_jax.sweep --config=configs/digits_clutter.py --workdir=/tmp/sweep_window \
       --grid=model.window=3,5,7,9 --seeds=3
 
-Each run is ``train.py --config=FILE[:ARG] --workdir=DIR/<cell>/seed<k> --config.seed=k`` plus
-the cell's ``--config.FIELD=VALUE`` and any ``--config.FIELD=VALUE`` given to the sweep, so it
-resumes, and can be inspected and visualised, like any other run. Several ``--grid`` flags
-make their product; a cell is named by its values (``window=3``, ``window=3,positional=none``).
+Each run is ``python -m sasa_jax.train --config=FILE[:ARG] --workdir=DIR/<cell>/seed<k>
+--config.seed=k`` plus the cell's ``--config.FIELD=VALUE`` and any ``--config.FIELD=VALUE`` given
+to the sweep, so it resumes, and can be inspected and visualised, like any other run; its exit
+status says whether it finished, was stopped by a signal (resumable) or failed. Several
+``--grid`` flags make their product; a cell is named by its values (``window=3``,
+``window=3,positional=none``).
 The same command again skips finished runs (each leaves ``sweep_run.json`` beside its
 checkpoints) and resumes unfinished ones, including runs a signal stopped (Ctrl-C stops the
-running train.py processes with a checkpoint). A run that fails is reported in the results and the
+running training processes with a checkpoint). A run that fails is reported in the results and the
 others go on. ``--jobs=N`` runs N at once; on a host with several GPUs or TPU chips each job
 sees one device (``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS``).
 
 Writes DIR/results.json (one row per run), DIR/results.md (mean ± standard deviation over
-seeds per cell) and DIR/results.png (``sasa_jax.sweep_results``).
+seeds per cell) and DIR/results.png (``sasa_jax.analysis.sweep_results``).
 """
 
 from __future__ import annotations
@@ -33,22 +35,24 @@ import sys
 import time
 from typing import Any
 
-from sasa_jax import config_lib, metrics, sweep_results
+from sasa_jax.analysis import sweep_results
+from sasa_jax.train import EXIT_STOPPED, metrics
+from sasa_jax.train import config as config_lib
 
-TRAIN = pathlib.Path(__file__).resolve().parents[1] / "train.py"
+# Each run is this module, with the installed package: no source checkout needed.
+TRAIN = ("-m", "sasa_jax.train")
 RECORD = "sweep_run.json"
-STOPPED = "stopped at step"  # what train.py prints when a signal stops it
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One train.py run of a sweep: a cell's field values and a seed."""
+    """One training run of a sweep: a cell's field values and a seed."""
 
     cell: str
     fields: dict[str, Any]
     seed: int
     workdir: pathlib.Path
-    args: tuple[str, ...]  # train.py's arguments
+    args: tuple[str, ...]  # python -m sasa_jax.train's arguments
 
 
 def parse_grid(text: str) -> tuple[str, list[str]]:
@@ -105,9 +109,9 @@ def plan(
     overrides: list[str],
 ) -> list[Run]:
     """Every run of the sweep, in grid order then seed order. Each cell's config is built (with
-    the overrides) and checked before anything runs (``train_lib.check_config``), so a bad
+    the overrides) and checked before anything runs (``loop.check_config``), so a bad
     field or value, or a model that cannot be built, fails at once."""
-    from sasa_jax import train_lib  # JAX and the models: only once a sweep is planned
+    from sasa_jax.train import loop  # JAX and the models: only once a sweep is planned
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -125,7 +129,7 @@ def plan(
         for field, text in extra:
             set_field(cfg, field, text)
         typed = {f: set_field(cfg, f, v) for f, v in zip(fields, values, strict=True)}
-        train_lib.check_config(cfg)  # starts no JAX backend: the runs need the devices
+        loop.check_config(cfg)  # starts no JAX backend: the runs need the devices
         cell = cell_name(typed)
         cell_args = [f"--config.{f}={v}" for f, v in zip(fields, values, strict=True)]
         for seed in range(seeds):
@@ -185,26 +189,25 @@ def device_env(slot: int) -> dict[str, str]:
     return {}
 
 
-def execute(run: Run, env: dict[str, str], train: pathlib.Path = TRAIN) -> dict:
-    """Runs (or resumes) one run with train.py; writes and returns its record."""
+def execute(run: Run, env: dict[str, str], train: tuple[str, ...] = TRAIN) -> dict:
+    """Runs (or resumes) one run (``python -m sasa_jax.train``); writes and returns its
+    record. The exit status says how it ended: 0 done, ``EXIT_STOPPED`` stopped by a signal
+    with a checkpoint (the next call resumes it), anything else failed."""
+
     run.workdir.mkdir(parents=True, exist_ok=True)
     previous = _record(run) or {}
     earlier = previous.get("wall_s", 0.0) if previous.get("args") == list(run.args) else 0.0
     log = run.workdir / "train.log"
-    offset = log.stat().st_size if log.exists() else 0
     start = time.perf_counter()
     with log.open("a") as out:
         code = subprocess.run(
-            [sys.executable, str(train), *run.args],
+            [sys.executable, *train, *run.args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},
             check=False,
         ).returncode
-    with log.open(errors="replace") as f:
-        f.seek(offset)
-        stopped = code == 0 and STOPPED in f.read()  # SIGTERM/SIGINT: a checkpoint, exit 0
-    status = "stopped" if stopped else "done" if code == 0 else "failed"
+    status = {0: "done", EXIT_STOPPED: "stopped"}.get(code, "failed")
     error = {"done": "", "stopped": "stopped by a signal; run the sweep again to resume"}
     record = {
         "args": list(run.args),
@@ -217,12 +220,10 @@ def execute(run: Run, env: dict[str, str], train: pathlib.Path = TRAIN) -> dict:
     return record
 
 
-def run_all(runs: list[Run], jobs: int = 1, train: pathlib.Path = TRAIN) -> list[dict]:
+def run_all(runs: list[Run], jobs: int = 1, train: tuple[str, ...] = TRAIN) -> list[dict]:
     """Runs the unfinished runs, ``jobs`` at a time, and returns one result row per run."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    if not train.is_file():
-        raise FileNotFoundError(f"no train.py at {train}; run the sweep from a source checkout")
     todo = [r for r in runs if not is_finished(r)]
     print(f"{len(runs)} runs: {len(runs) - len(todo)} finished, {len(todo)} to run", flush=True)
     slots: queue.Queue[int] = queue.Queue()
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="FILE[:ARG], as for train.py")
+    parser.add_argument("--config", required=True, help="FILE[:ARG], as for sasa_jax.train")
     parser.add_argument("--workdir", required=True, help="the sweep's directory")
     parser.add_argument("--grid", action="append", default=[], help="FIELD=V1,V2,...")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per cell")

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from sasa_jax import config_lib
+from sasa_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,10 @@ def test_every_model_field_takes_its_own_type():
     )
     assert model.width_multiplier == 0.5 and model.bn_epsilon == 1e-3 and model.logits == "qr"
     assert model.zero_init_residual is False
-    assert config.batch_size == 4096 and config.ema_decay == 0.9999
+    plain = _config("configs/imagenet.py")
+    assert {k: v for k, v in config.items() if k != "model"} == {
+        k: v for k, v in plain.items() if k != "model"
+    }
 
 
 @pytest.mark.parametrize("text, expected", [("true", True), ("No", False), ("1", True)])

@@ -15,10 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_jax import config_lib, train_lib, visualize
+from sasa_jax import visualize
 from sasa_jax.data import coco_folder, detection_builders
 from sasa_jax.detection.coco_eval import METRICS
-from sasa_jax.metrics import read_metrics
+from sasa_jax.train import config as config_lib
+from sasa_jax.train import loop as train_lib
+from sasa_jax.train.metrics import read_metrics
 from tests import coco_fixtures
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,9 @@ import pytest
 from attention_reference import reference_attention, reference_block_attention
 from flax import nnx
 
-from sasa_jax.layers import SelfAttention2D, StemAttention, sinusoidal_2d
-from sasa_jax.models import AttentionStem, block_max
+from sasa_jax.models import AttentionStem
+from sasa_jax.nn import block_max
+from sasa_jax.nn.attention import SelfAttention2D, StemAttention, sinusoidal_2d
 
 
 def _params(module) -> int:
@@ -132,7 +133,7 @@ def test_absolute_adds_a_sinusoid_to_the_keys():
 def test_qr_layer_passes_no_keys_to_the_op(monkeypatch):
     """logits="qr" does no q·k work: the op gets ``k=None`` (its q·r-only contract, checked
     against the reference in test_attention.py)."""
-    import sasa_jax.layers
+    import sasa_jax.nn.attention
 
     seen = []
 
@@ -140,7 +141,7 @@ def test_qr_layer_passes_no_keys_to_the_op(monkeypatch):
         seen.append(k)
         return v if not kwargs.get("return_weights") else (v, None)
 
-    monkeypatch.setattr(sasa_jax.layers, "local_attention", spy)
+    monkeypatch.setattr(sasa_jax.nn.attention, "local_attention", spy)
     SelfAttention2D(8, 16, window=3, num_heads=2, logits="qr", rngs=nnx.Rngs(0))(_x((1, 5, 5, 8)))
     assert seen == [None]
 
@@ -269,18 +270,3 @@ def test_block_max_is_max_pool():
     grad = jax.grad(lambda x: jnp.sum(block_max(x, 4) * weights))(x)
     ref_grad = jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)
     np.testing.assert_array_equal(grad, ref_grad)
-
-
-def test_layers_import_nothing_of_models_training_or_parallelism():
-    """layers.py depends downward only (DESIGN.md): importing it loads neither the models,
-    the trainer, nor the device-ordered reductions."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, sasa_jax.layers; "
-        "print([m for m in ('sasa_jax.parallel', 'sasa_jax.norm', 'sasa_jax.models', "
-        "'sasa_jax.train_lib', 'sasa_jax.train_steps') if m in sys.modules])"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_jax.layers import SelfAttention2D
-from sasa_jax.models import STAGE_SIZES, AttentionStem, Conv1x1, ConvStem, ModelSpec, build_model
+from sasa_jax.models import STAGE_SIZES, AttentionStem, ConvStem, ModelSpec, build_model
+from sasa_jax.nn import Conv1x1
+from sasa_jax.nn.attention import SelfAttention2D
 
 
 def _params(module) -> int:

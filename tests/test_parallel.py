@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent(
     # against flax's on the whole batch in one device: outputs, running statistics and the
     # gradients of input, scale and offset.
     from flax import nnx
-    from sasa_jax.norm import BatchNorm, set_batch_axis
+    from sasa_jax.nn.norm import BatchNorm, set_batch_axis
 
     images = rng.standard_normal((n * 2, 3, 3, 5)).astype(np.float32) * 2 + 1
     ordered = BatchNorm(5, momentum=0.5, rngs=nnx.Rngs(0))

@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from sasa_jax.detection import AnchorSpec, anchor_boxes
-from sasa_jax.detection.projection import ProjectedAttention
-from sasa_jax.detection.retinanet import DetectorSpec, RetinaNet
-from sasa_jax.layers import SelfAttention2D
-from sasa_jax.models import Conv1x1, ModelSpec
+from sasa_jax.models import ModelSpec
+from sasa_jax.models.projection import ProjectedAttention
+from sasa_jax.models.retinanet import DetectorSpec, RetinaNet
+from sasa_jax.nn import Conv1x1
+from sasa_jax.nn.attention import SelfAttention2D
 
 
 def _params(module) -> int:

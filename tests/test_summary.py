@@ -11,9 +11,10 @@ import sys
 import pytest
 from flax import nnx
 
-from sasa_jax import config_lib
-from sasa_jax.layers import SelfAttention2D, StemAttention
-from sasa_jax.summary import module_flops, summarize_config
+from sasa_jax.analysis.flops import module_flops
+from sasa_jax.analysis.model_summary import summarize_config
+from sasa_jax.nn.attention import SelfAttention2D, StemAttention
+from sasa_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -3,12 +3,11 @@ files; and the cluttered-digits set it is meant for.
 
 Most tests drive the runner with a stand-in train script (it writes a metrics.jsonl row whose
 values follow from its arguments, and fails for one cell), so that what the runner does with
-runs is checked in seconds; one slow test runs the real train.py.
+runs is checked in seconds; one slow test runs the real ``python -m sasa_jax.train``.
 """
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
@@ -16,13 +15,13 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from sasa_jax import sweep, sweep_results, train_lib
+from sasa_jax import sweep, train
+from sasa_jax.analysis import sweep_results
 from sasa_jax.data import digits_clutter
 
 FAKE_TRAIN = textwrap.dedent(
@@ -35,8 +34,7 @@ FAKE_TRAIN = textwrap.dedent(
         f.write("x")
     window, seed = int(args["config.model.window"]), int(args["config.seed"])
     if os.environ.get("FAKE_STOP"):
-        print("stopped at step 2 with a checkpoint; run the same command to resume")
-        sys.exit(0)
+        sys.exit(75)  # sasa_jax.train.EXIT_STOPPED: stopped by a signal with a checkpoint
     if window == 7:
         print("ValueError: window 7 is not allowed here")
         sys.exit(2)
@@ -49,9 +47,11 @@ FAKE_TRAIN = textwrap.dedent(
 
 @pytest.fixture
 def fake_train(tmp_path):
+    """The stand-in's command after ``python``, as ``sweep.TRAIN`` is ``("-m",
+    "sasa_jax.train")``."""
     path = tmp_path / "fake_train.py"
     path.write_text(FAKE_TRAIN)
-    return path
+    return (str(path),)
 
 
 def test_grid_product_cell_names_and_train_arguments(tmp_path):
@@ -124,9 +124,7 @@ def test_failed_run_is_reported_and_the_others_finish(tmp_path, fake_train):
 
 def test_a_second_call_runs_nothing_and_changed_runs_resume(tmp_path, fake_train):
     runs, _ = _sweep(tmp_path, fake_train, windows="3,5")
-    start = time.perf_counter()
     rows = sweep.run_all(runs, train=fake_train)
-    assert time.perf_counter() - start < 2
     assert [(r.workdir / "calls").read_text() for r in runs] == ["x"] * 4
     assert all(r["status"] == "done" for r in rows)
     # an interrupted run (no record) and a run with other arguments are run again
@@ -139,8 +137,9 @@ def test_a_second_call_runs_nothing_and_changed_runs_resume(tmp_path, fake_train
 
 
 def test_a_run_stopped_by_a_signal_is_not_finished(tmp_path, fake_train, monkeypatch):
-    """train.py exits 0 after SIGTERM/SIGINT with a checkpoint: the run is resumed later."""
-    assert sweep.STOPPED in inspect.getsource(train_lib)  # the line train.py prints then
+    """A run that exits with ``EXIT_STOPPED`` (a signal stopped it with a checkpoint) is
+    resumed by the next call."""
+    assert train.EXIT_STOPPED == 75
     monkeypatch.setenv("FAKE_STOP", "1")
     runs, rows = _sweep(tmp_path, fake_train, windows="3", seeds=1)
     assert rows[0]["status"] == "stopped" and rows[0]["metrics"] == {}
@@ -178,7 +177,7 @@ def test_the_command_line_returns_failure_when_a_run_failed(tmp_path, fake_train
 
 
 @pytest.mark.slow
-def test_a_real_sweep_trains_with_train_py_and_then_skips(tmp_path):
+def test_a_real_sweep_trains_and_then_skips(tmp_path):
     env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "JAX_PLATFORMS": "cpu"}
     workdir = tmp_path / "sweep"
     command = [
@@ -202,11 +201,10 @@ def test_a_real_sweep_trains_with_train_py_and_then_skips(tmp_path):
         config = json.loads(open(f"{row['workdir']}/config.json").read())
         assert config["base_learning_rate"] == row["fields"]["base_learning_rate"]
     log = pathlib.Path(rows[0]["workdir"]) / "train.log"
-    size, start = log.stat().st_size, time.perf_counter()
+    size = log.stat().st_size
     again = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     assert again.returncode == 0 and "1 finished, 0 to run" in again.stdout
-    assert log.stat().st_size == size  # train.py was not started again
-    assert time.perf_counter() - start < 30  # about 4 s on an idle 2-core machine
+    assert log.stat().st_size == size  # the run was not started again
 
 
 # ------------------------------------------------------------------- cluttered digits

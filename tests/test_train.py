@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sasa_jax import config_lib, train_lib, workdir
-from sasa_jax.metrics import read_metrics
+from sasa_jax.train import EXIT_STOPPED
+from sasa_jax.train import config as config_lib
+from sasa_jax.train import loop as train_lib
+from sasa_jax.train.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
@@ -86,26 +88,6 @@ def _config(path, arg=None):
     return config_lib.from_file(ROOT / path, arg)
 
 
-def test_workdir_that_is_a_file_is_one_clear_error(tmp_path):
-    path = tmp_path / "a_file"
-    path.write_text("")
-    with pytest.raises(ValueError, match="is a file"):
-        train_lib.train_and_evaluate(_config("configs/digits.py"), str(path))
-
-
-def test_resume_check_allows_only_run_length_and_speed_fields(tmp_path):
-    config = _config("configs/digits.py")
-    workdir.save_config(config, tmp_path, num_classes=10)
-    with config.unlocked():
-        config.num_train_steps, config.log_every_steps, config.num_threads = 900, 7, 1
-    assert len(workdir.resume_changes(config, tmp_path)) == 3
-    for field, value in (("seed", 3), ("dataset", "image_folder"), ("batch_size", 32)):
-        changed = _config("configs/digits.py")
-        changed[field] = value
-        with pytest.raises(ValueError, match=f"{field}: "):
-            workdir.resume_changes(changed, tmp_path)
-
-
 def _wait_for_step(workdir, step, proc, timeout=300):
     start = time.time()
     path = pathlib.Path(workdir) / "metrics.jsonl"
@@ -148,7 +130,7 @@ def _sigterm_then_resume(workdir, tfds_dir, devices):
     assert _wait_for_step(workdir, 3, proc), "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
     assert "stopped at step" in out
     assert 3 <= max(r["step"] for r in read_metrics(workdir)) < 10
     _run(workdir, tfds_dir, *STEPS, devices=devices)
@@ -259,31 +241,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tfds_dir, m
     assert max(saved) < 20
 
 
-@pytest.mark.parametrize(
-    "field, value, match",
-    [
-        ("dataset", "cifar10", "config.dataset"),
-        ("num_epochs", 0, "num_train_steps"),
-        ("ema_decay", 1.0, "ema_decay"),
-        ("eval_batch_size", 0, "eval_batch_size"),
-    ],
-)
-def test_config_errors(field, value, match):
-    config = _config("configs/digits.py")
-    config[field] = value
-    if field == "num_epochs":
-        config.num_train_steps = -1
-    with pytest.raises(ValueError, match=match):
-        train_lib.validate_config(config)
-
-
-def test_unknown_variant_is_a_config_error():
-    config = _config("configs/digits.py")
-    config.model.variant = "resnext"
-    with pytest.raises(ValueError, match="model.variant"):
-        train_lib.validate_config(config)
-
-
 def test_batch_that_does_not_divide_over_devices_fails_before_compiling(tmp_path, tfds_dir):
     proc = _run(tmp_path, tfds_dir, "--config.batch_size=66", devices=4, check=False)
     assert proc.returncode == 2
@@ -324,5 +281,4 @@ def test_mock_imagenet_end_to_end(tmp_path):
     with tfds.testing.mock_data(num_examples=20, as_data_source_fn=_fake_imagenet):
         result = train_lib.train_and_evaluate(config, str(tmp_path / "work"))
     assert result["step"] == 2 and result["eval_examples"] == 20
-    assert config.half_precision and config.ema_decay == 0.9999
     assert math.isfinite(result["eval_loss"]) and 0 <= result["eval_top1"] <= 1

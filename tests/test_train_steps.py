@@ -17,13 +17,14 @@ import optax
 import pytest
 from flax import nnx
 
-from sasa_jax import config_lib, data, tasks
-from sasa_jax.detection import task as detection_task
-from sasa_jax.detection.heads import class_prior_bias
-from sasa_jax.layers import SelfAttention2D, StemAttention
+from sasa_jax import data, tasks
 from sasa_jax.models import ModelSpec, build_model
-from sasa_jax.norm import BatchNorm
-from sasa_jax.train_steps import (
+from sasa_jax.models.heads import class_prior_bias
+from sasa_jax.nn.attention import SelfAttention2D, StemAttention
+from sasa_jax.nn.norm import BatchNorm
+from sasa_jax.tasks import detection as detection_task
+from sasa_jax.train import config as config_lib
+from sasa_jax.train.steps import (
     accumulated_gradients,
     apply_gradients,
     create_optimizer,

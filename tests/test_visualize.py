@@ -11,15 +11,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from sasa_jax import config_lib, train_lib
 from sasa_jax.models import ModelSpec, build_model
-from sasa_jax.visualize import (
-    LayerMaps,
-    attention_maps,
-    load_image,
-    visualize,
-    window_heatmap,
-)
+from sasa_jax.train import config as config_lib
+from sasa_jax.train import loop as train_lib
+from sasa_jax.visualize import load_image, visualize
+from sasa_jax.viz.attention_maps import LayerMaps, attention_maps, window_heatmap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

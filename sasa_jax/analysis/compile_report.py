@@ -20,9 +20,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sasa_jax import tasks, train_lib
-from sasa_jax.norm import set_batch_axis
-from sasa_jax.train_steps import create_optimizer, create_train_state
+from sasa_jax import tasks
+from sasa_jax.train import loop as train_lib
+from sasa_jax.train.steps import abstract_train_state, create_optimizer
 
 GB = 1e9
 
@@ -104,22 +104,6 @@ def _struct(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def _abstract_state(task, tx, config, axis_name):
-    """``(graphdef, eval_graph, state)`` with the state as ShapeDtypeStructs: the train state
-    is built under ``jax.eval_shape``, so no parameter is allocated."""
-    graphs = {}
-
-    def build():
-        model = task.create_model(config.seed)
-        set_batch_axis(model, axis_name)
-        graphdef, eval_graph, state = create_train_state(model, tx, config)
-        graphs["train"], graphs["eval"] = graphdef, eval_graph
-        return state
-
-    state = jax.eval_shape(build)
-    return graphs["train"], graphs["eval"], state
-
-
 def with_batch(config: ml_collections.ConfigDict, per_device_batch: int, count: int):
     """A copy of ``config`` whose train and eval batches are ``per_device_batch`` on each of
     ``count`` devices."""
@@ -148,7 +132,7 @@ def compile_steps(
     task = tasks.make_task(config, config.model.num_classes)
     axis_name = "data" if config.deterministic_reductions else None
     tx = create_optimizer(config)
-    graphdef, eval_graph, state = _abstract_state(task, tx, config, axis_name)
+    graphdef, eval_graph, state = abstract_train_state(task, tx, config, axis_name)
     state = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state
     )

@@ -216,8 +216,9 @@ def block_attention(
 
     Every query attends to every position of its own tile, with relative logits for offsets in
     ``[-(block-1), block-1]``: the numbers of ``local_attention(..., window=block,
-    border="clamp")`` run on each tile as an image of its own. An implementation with a
-    ``blocks`` function runs on the whole map (the C++ kernel on CPU); the others on the tiles.
+    border="clamp")`` run on each tile as an image of its own. The kernels ("native",
+    "pallas", "tiled") run on the whole map with each query's window its own block; "gather"
+    and "dense" run on the tiles cut out as images.
 
     Args:
       q, k: ``[batch, height, width, heads, dim]``, height and width multiples of ``block``;

@@ -130,8 +130,8 @@ def attempted() -> bool:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel with its FFI targets registered: compiled on the first call (about
-    10 s) into the cache, loaded from it afterwards. None where it cannot be built here (a
-    warning says why) or ``SASA_JAX_NATIVE=0``."""
+    15 s on 2 cores) into the cache, loaded from it afterwards. None where it cannot be built
+    here (a warning says why) or ``SASA_JAX_NATIVE=0``."""
     if not can_build():
         return None
     compiler = _compiler()

@@ -20,8 +20,8 @@ from jax.experimental import pallas as pl
 
 from sasa_jax.attention.pallas_gpu_kernel import KernelSpec, backward_kernel, forward_kernel
 from sasa_jax.attention.pallas_layout import cost_estimate, halo_axis, selectors
-from sasa_jax.attention.tiles import AxisTiles, query_tiles
-from sasa_jax.attention.windows import BLOCKS, AxisWindow, axis_window
+from sasa_jax.attention.tiles import AxisTiles, query_tiles, tile_size
+from sasa_jax.attention.windows import AxisWindow, axis_window
 
 Array = jax.Array
 
@@ -213,10 +213,7 @@ class _Call:
 
 
 def _layout(rows: AxisWindow, cols: AxisWindow) -> Layout:
-    tile = TILE
-    if rows.border == BLOCKS:  # tiles of whole blocks: each is its own halo
-        tile = rows.window * max(1, TILE // rows.window)
-    return layout(rows.spec, cols.spec, tile)
+    return layout(rows.spec, cols.spec, tile_size(rows, TILE))
 
 
 def _prepare(q, k, v, rel_row, rel_col, rows, cols) -> _Call:

@@ -27,8 +27,8 @@ from sasa_jax.attention.pallas_tpu_kernel import (
     backward_kernel,
     forward_kernel,
 )
-from sasa_jax.attention.tiles import AxisTiles, query_tiles
-from sasa_jax.attention.windows import BLOCKS, AxisWindow, axis_window
+from sasa_jax.attention.tiles import AxisTiles, query_tiles, tile_size
+from sasa_jax.attention.windows import axis_window
 
 Array = jax.Array
 
@@ -63,19 +63,11 @@ class Layout:
         return bool(np.array_equal(self.halo_index, self.tile_index))
 
 
-def _tile(win: AxisWindow, size: int) -> int:
-    """The tile along an axis: ``size`` positions, whole blocks for ``BLOCKS``, at most the
-    axis."""
-    if win.border == BLOCKS:
-        size = win.window * max(1, size // win.window)
-    return min(size, win.size)
-
-
 @functools.lru_cache(maxsize=256)
 def layout(rows_key: tuple, cols_key: tuple) -> Layout:
     rows, cols = axis_window(*rows_key), axis_window(*cols_key)
-    rt = query_tiles(rows, _tile(rows, TILE[0]))
-    ct = query_tiles(cols, _tile(cols, TILE[1]))
+    rt = query_tiles(rows, min(tile_size(rows, TILE[0]), rows.size))
+    ct = query_tiles(cols, min(tile_size(cols, TILE[1]), cols.size))
     tq = round_up(rt.tile * ct.tile, LANES)
     keys = round_up(rt.halo * ct.halo, LANES)
     row_select, col_select = (np.swapaxes(s, 1, 2) for s in selectors(rt, ct, tq, keys))

@@ -33,7 +33,7 @@ from sasa_jax.attention import tiles
 from sasa_jax.attention.dtypes import softmax_dtype
 from sasa_jax.attention.registry import Implementation, Kernel, register
 from sasa_jax.attention.tiles import MASKED, AxisTiles, Plan, plan, tap_keys
-from sasa_jax.attention.windows import BLOCKS, AxisWindow, tap_weights
+from sasa_jax.attention.windows import AxisWindow, tap_weights
 
 Array = jax.Array
 
@@ -324,11 +324,7 @@ def _tap_weights(weights: Array, p: Plan) -> Array:
 def _tile(rows: AxisWindow, tiled: bool) -> int | None:
     """The query tile: ``tiles.TILE`` (a multiple of the block for block attention) for
     "tiled", the whole map (None) for "dense"."""
-    if not tiled:
-        return None
-    if rows.border == BLOCKS:
-        return rows.window * max(1, tiles.TILE // rows.window)
-    return tiles.TILE
+    return tiles.tile_size(rows, tiles.TILE) if tiled else None
 
 
 def _kernel(tiled: bool) -> Kernel:

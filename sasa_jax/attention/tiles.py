@@ -16,7 +16,7 @@ import math
 import jax
 import numpy as np
 
-from sasa_jax.attention.windows import AxisWindow, axis_window
+from sasa_jax.attention.windows import BLOCKS, AxisWindow, axis_window
 
 Array = jax.Array
 
@@ -98,6 +98,14 @@ def query_tiles(win: AxisWindow, tile: int) -> AxisTiles:
         a = position % tiles.tile
         tiles.rel[position // tiles.tile, a, a + tiles.pad_before] = 0
     return tiles
+
+
+def tile_size(win: AxisWindow, size: int) -> int:
+    """A query tile of about ``size`` positions along ``win``'s axis; for ``block_attention``'s
+    windows (``BLOCKS``) a whole number of blocks, so that every tile is its own halo."""
+    if win.border == BLOCKS:
+        return win.window * max(1, size // win.window)
+    return size
 
 
 def tap_keys(win: AxisWindow, tiles: AxisTiles) -> np.ndarray:

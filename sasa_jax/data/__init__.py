@@ -10,7 +10,6 @@ of a config.
 
 from sasa_jax.data.detection_preprocess import DetectionAugment, DetectionEval
 from sasa_jax.data.pipeline import (
-    ClassificationEval,
     TrainIterator,
     eval_batches,
     eval_steps,
@@ -20,8 +19,23 @@ from sasa_jax.data.pipeline import (
     to_global,
     train_dataset,
 )
-from sasa_jax.data.preprocess import TrainAugment, eval_image, normalize, train_image
-from sasa_jax.data.sources import DATASETS, DETECTION_DATASETS, DatasetSplits, load_dataset
+from sasa_jax.data.preprocess import (
+    ClassificationEval,
+    TrainAugment,
+    eval_image,
+    normalize,
+    train_image,
+)
+from sasa_jax.data.sources import (
+    DATASETS,
+    DETECTION_DATASETS,
+    REGISTRY,
+    Dataset,
+    DatasetSplits,
+    dataset_info,
+    dataset_task,
+    load_dataset,
+)
 
 
 def augment_from_config(config) -> TrainAugment:
@@ -49,6 +63,10 @@ def load_dataset_from_config(config) -> DatasetSplits:
 __all__ = [
     "DATASETS",
     "DETECTION_DATASETS",
+    "REGISTRY",
+    "Dataset",
+    "dataset_info",
+    "dataset_task",
     "ClassificationEval",
     "DatasetSplits",
     "DetectionAugment",

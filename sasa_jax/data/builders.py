@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
 from sasa_jax.data import digits_clutter
+from sasa_jax.data.sklearn_digits import digits_split
 
 DIGITS_SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -68,15 +69,11 @@ class SasaDigits(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, test: bool):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-            if (index % 5 == 0) != test:
-                continue
-            gray = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        indices, images, labels = digits_split(test)
+        for index, pixels, label in zip(indices, images, labels, strict=True):
+            gray = np.clip(pixels * 255.0, 0, 255).astype(np.uint8)
             image = Image.fromarray(gray).resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR)
-            yield index, {"image": image.convert("RGB"), "label": int(label)}
+            yield int(index), {"image": image.convert("RGB"), "label": int(label)}
 
 
 class SasaDigitsClutter(tfds.core.GeneratorBasedBuilder):

@@ -10,11 +10,12 @@ of its ink. Train scenes use the digits that are train images in the classificat
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+from sasa_jax.data.sklearn_digits import digits_split
 
 CANVAS = (96, 128)
 COUNT = (1, 5)
@@ -23,14 +24,9 @@ MAX_IOU = 0.3
 INK = 0.25  # alpha above which a pixel counts as the digit's ink, for its box
 
 
-@functools.cache
 def _digits(test: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(images [n, 8, 8] float in 0..1, labels [n])`` of one split of scikit-learn's digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    keep = (np.arange(len(digits.target)) % 5 == 0) == test
-    return digits.images[keep] / 16.0, digits.target[keep]
+    return digits_split(test)[1:]
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

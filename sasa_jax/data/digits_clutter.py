@@ -11,11 +11,12 @@ is in both. ``PER_DIGIT`` images are made from each source digit.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+from sasa_jax.data.sklearn_digits import digits_split
 
 CANVAS = 48
 DIGIT_SIZE = (20, 34)
@@ -25,14 +26,9 @@ NOISE = 0.05
 PER_DIGIT = {"train": 4, "test": 4}
 
 
-@functools.cache
 def _digits(test: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(images [n, 8, 8] float in 0..1, labels [n])`` of one split of scikit-learn's digits."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    keep = (np.arange(len(digits.target)) % 5 == 0) == test
-    return digits.images[keep] / 16.0, digits.target[keep]
+    return digits_split(test)[1:]
 
 
 def _scaled(pixels: np.ndarray, size: int) -> np.ndarray:

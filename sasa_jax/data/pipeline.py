@@ -28,8 +28,6 @@ import grain
 import jax
 import numpy as np
 
-from sasa_jax.data.preprocess import eval_image
-
 Batch = dict[str, np.ndarray]
 
 
@@ -79,29 +77,6 @@ class _TrainExample:
 
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> Batch:
         return self.augment.example(record, rng)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassificationEval:
-    """The classification eval example: a centre crop, the label and ``mask``."""
-
-    size: int
-    crop_fraction: float = 0.875
-
-    def __call__(self, index: int, record: dict[str, Any]) -> Batch:
-        del index
-        return {
-            "image": eval_image(record["image"], self.size, self.crop_fraction),
-            "label": np.int32(record["label"]),
-            "mask": np.bool_(True),
-        }
-
-    def empty(self) -> Batch:
-        return {
-            "image": np.zeros((self.size, self.size, 3), np.uint8),
-            "label": np.int32(0),
-            "mask": np.bool_(False),
-        }
 
 
 def _to_iter(ds: grain.MapDataset, num_workers: int, num_threads: int) -> grain.IterDataset:

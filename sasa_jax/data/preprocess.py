@@ -54,6 +54,29 @@ class TrainAugment:
         return {"image": np.zeros((self.size, self.size, 3), np.uint8), "label": np.int32(0)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassificationEval:
+    """The classification eval example: a centre crop, the label and ``mask``."""
+
+    size: int
+    crop_fraction: float = 0.875
+
+    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray]:
+        del index
+        return {
+            "image": eval_image(record["image"], self.size, self.crop_fraction),
+            "label": np.int32(record["label"]),
+            "mask": np.bool_(True),
+        }
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return {
+            "image": np.zeros((self.size, self.size, 3), np.uint8),
+            "label": np.int32(0),
+            "mask": np.bool_(False),
+        }
+
+
 def sample_crop(
     width: int, height: int, rng: np.random.Generator, area_range, ratio_range, attempts: int = 10
 ) -> tuple[int, int, int, int]:

@@ -1,8 +1,8 @@
 """Random-access sources (TFDS ``data_source``, array_record) for each dataset by name.
 
-Classification records are dicts with ``image`` (encoded bytes: images are not decoded here)
-and ``label``; detection records (``DETECTION_DATASETS``) have ``image`` and ``objects``
-(``detection_builders``).
+One registry (``REGISTRY``: name, task, eval split, how its sources open) describes every
+dataset. Classification records are dicts with ``image`` (encoded bytes: images are not decoded
+here) and ``label``; detection records have ``image`` and ``objects`` (``detection_builders``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -20,18 +20,6 @@ from sasa_jax.data.builders import SasaDigits, SasaDigitsClutter, SasaImageFolde
 from sasa_jax.data.detection_builders import SasaCocoFolder, SasaDigitScenes
 from sasa_jax.data.errors import listing_error
 
-DETECTION_DATASETS = ("digit_scenes", "coco", "coco_folder")
-DATASETS = ("digits", "digits_clutter", "imagenet2012", "image_folder", *DETECTION_DATASETS)
-DEFAULT_EVAL_SPLIT = {
-    "digits": "test",
-    "digits_clutter": "test",
-    "imagenet2012": "validation",
-    "image_folder": "test",
-    "digit_scenes": "test",
-    "coco": "validation",
-    "coco_folder": "validation",
-}
-NUM_CLASSES = {"digits": 10, "digits_clutter": 10, "imagenet2012": 1000}
 SKIP_DECODING = {"image": tfds.decode.SkipDecoding()}
 
 IMAGENET_HELP = """ImageNet 2012 is not prepared in array_record format under {data_dir}.
@@ -69,15 +57,15 @@ def split_names(dataset: str, eval_split: str, minival_percent: int) -> tuple[st
     ``eval_split="minival"`` holds out the first ``minival_percent`` % of train (the paper
     held out 4%) and trains on the rest.
     """
-    eval_split = eval_split or DEFAULT_EVAL_SPLIT[dataset]
+    default = dataset_info(dataset).eval_split
+    eval_split = eval_split or default
     if eval_split == "minival":
         if not 0 < minival_percent < 100:
             raise ValueError(f"minival_percent must be in (0, 100), got {minival_percent}")
         return f"train[{minival_percent}%:]", f"train[:{minival_percent}%]"
-    if eval_split != DEFAULT_EVAL_SPLIT[dataset]:
+    if eval_split != default:
         raise ValueError(
-            f"eval_split for {dataset} must be {DEFAULT_EVAL_SPLIT[dataset]!r} or "
-            f"'minival', got {eval_split!r}"
+            f"eval_split for {dataset} must be {default!r} or 'minival', got {eval_split!r}"
         )
     return "train", eval_split
 
@@ -137,28 +125,108 @@ def _coco_sources(data_dir: str | None, splits: tuple[str, str]):
     return sources, _class_names(builder.info)
 
 
-def _builder(dataset: str, data_dir: str | None, image_folder: str, coco_folder: str):
-    """The offline builder of a dataset that is built on first use."""
-    kwargs = dict(data_dir=data_dir, file_format="array_record")
-    if dataset == "digits":
-        return SasaDigits(**kwargs)
-    if dataset == "digits_clutter":
-        return SasaDigitsClutter(**kwargs)
-    if dataset == "digit_scenes":
-        return SasaDigitScenes(**kwargs)
-    if dataset == "image_folder":
-        if not image_folder:
-            raise ValueError(
-                "dataset 'image_folder' needs config.image_folder, e.g. "
-                "--config=configs/image_folder.py:/path/to/images"
-            )
-        return SasaImageFolder(folder=image_folder, **kwargs)
-    if not coco_folder:
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """What opening a dataset's sources takes besides its name."""
+
+    data_dir: str | None
+    splits: tuple[str, str]
+    image_folder: str = ""
+    coco_folder: str = ""
+
+
+Opener = Callable[[SourceOptions], tuple[tuple[Sequence, Sequence], tuple[str, ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One entry of the registry: a dataset's name, its task ("classification" or
+    "detection"), its own eval split, and how its ``(train, eval)`` sources and class names
+    are opened (``open(SourceOptions)``)."""
+
+    name: str
+    task: str
+    eval_split: str
+    open: Opener
+
+
+def _built(make_builder: Callable[[SourceOptions], tfds.core.DatasetBuilder]) -> Opener:
+    """Sources of a dataset built offline on first use by ``make_builder``'s builder."""
+
+    def open_sources(options: SourceOptions):
+        builder = _prepared_builder(make_builder(options))
+        sources = builder.as_data_source(split=list(options.splits), decoders=SKIP_DECODING)
+        return sources, _class_names(builder.info)
+
+    return open_sources
+
+
+def _kwargs(options: SourceOptions) -> dict:
+    return dict(data_dir=options.data_dir, file_format="array_record")
+
+
+def _image_folder(options: SourceOptions) -> tfds.core.DatasetBuilder:
+    if not options.image_folder:
+        raise ValueError(
+            "dataset 'image_folder' needs config.image_folder, e.g. "
+            "--config=configs/image_folder.py:/path/to/images"
+        )
+    return SasaImageFolder(folder=options.image_folder, **_kwargs(options))
+
+
+def _coco_folder(options: SourceOptions) -> tfds.core.DatasetBuilder:
+    if not options.coco_folder:
         raise ValueError(
             "dataset 'coco_folder' needs config.coco_folder, e.g. "
             "--config=configs/coco_folder.py:/path/to/folder"
         )
-    return SasaCocoFolder(folder=coco_folder, **kwargs)
+    builder = SasaCocoFolder(folder=options.coco_folder, **_kwargs(options))
+    if "validation" in options.splits[1] and not builder.has_val:
+        raise FileNotFoundError(
+            f"{options.coco_folder} has no annotations/instances_val.json; add a val split, or "
+            "hold out part of train with --config.eval_split=minival"
+        )
+    return builder
+
+
+def _imagenet(options: SourceOptions):
+    sources = _imagenet_sources(options.data_dir, options.splits)
+    return sources, tuple(str(i) for i in range(1000))
+
+
+REGISTRY = {
+    d.name: d
+    for d in (
+        Dataset("digits", "classification", "test", _built(lambda o: SasaDigits(**_kwargs(o)))),
+        Dataset(
+            "digits_clutter",
+            "classification",
+            "test",
+            _built(lambda o: SasaDigitsClutter(**_kwargs(o))),
+        ),
+        Dataset("imagenet2012", "classification", "validation", _imagenet),
+        Dataset("image_folder", "classification", "test", _built(_image_folder)),
+        Dataset(
+            "digit_scenes", "detection", "test", _built(lambda o: SasaDigitScenes(**_kwargs(o)))
+        ),
+        Dataset("coco", "detection", "validation", lambda o: _coco_sources(o.data_dir, o.splits)),
+        Dataset("coco_folder", "detection", "validation", _built(_coco_folder)),
+    )
+}
+DATASETS = tuple(REGISTRY)
+DETECTION_DATASETS = tuple(name for name, d in REGISTRY.items() if d.task == "detection")
+
+
+def dataset_info(name: str) -> Dataset:
+    """The registry's entry for ``name``; ValueError naming the datasets for another name."""
+    if name not in REGISTRY:
+        raise ValueError(f"config.dataset must be one of {DATASETS}, got {name!r}")
+    return REGISTRY[name]
+
+
+def dataset_task(name: str) -> str:
+    """ "classification" or "detection": what is learned from dataset ``name``."""
+    return dataset_info(name).task
 
 
 def load_dataset(
@@ -176,26 +244,12 @@ def load_dataset(
       ValueError: unknown dataset or split, bad annotations or unreadable images.
       FileNotFoundError: ImageNet or COCO not prepared, or a missing folder.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    info = dataset_info(dataset)
     splits = split_names(dataset, eval_split, minival_percent)
     # TFDS reads TFDS_DATA_DIR once, at import; read it at call time so a later setting counts.
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
-    if dataset == "imagenet2012":
-        train, evaluation = _imagenet_sources(data_dir, splits)
-        class_names = tuple(str(i) for i in range(NUM_CLASSES[dataset]))
-    elif dataset == "coco":
-        (train, evaluation), class_names = _coco_sources(data_dir, splits)
-    else:
-        builder = _builder(dataset, data_dir, image_folder, coco_folder)
-        if dataset == "coco_folder" and "validation" in splits[1] and not builder.has_val:
-            raise FileNotFoundError(
-                f"{coco_folder} has no annotations/instances_val.json; add a val split, or "
-                "hold out part of train with --config.eval_split=minival"
-            )
-        builder = _prepared_builder(builder)
-        train, evaluation = builder.as_data_source(split=list(splits), decoders=SKIP_DECODING)
-        class_names = _class_names(builder.info)
+    options = SourceOptions(data_dir, splits, image_folder, coco_folder)
+    (train, evaluation), class_names = info.open(options)
     return DatasetSplits(
         dataset, train, evaluation, len(class_names), *splits, class_names=class_names
     )

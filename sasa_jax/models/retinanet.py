@@ -11,10 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sasa_jax.detection.anchors import AnchorSpec
-from sasa_jax.detection.fpn import FPN
-from sasa_jax.detection.heads import Head, class_prior_bias
-from sasa_jax.detection.projection import with_projection
-from sasa_jax.models import ModelSpec, Norm, build_model, spec_attention
+from sasa_jax.models.fpn import FPN
+from sasa_jax.models.heads import Head, class_prior_bias
+from sasa_jax.models.projection import with_projection
+from sasa_jax.models.spec import ModelSpec, build_model, spec_attention
+from sasa_jax.nn import Norm
 
 Array = jax.Array
 HEAD_KINDS = ("conv", "attention")

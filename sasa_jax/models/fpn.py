@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.models import Conv1x1
+from sasa_jax.nn import Conv1x1
 
 Array = jax.Array
 # spatial(in_features, out_features, *, strides, rngs) -> module: [b,h,w,in] -> [b,h/s,w/s,out]

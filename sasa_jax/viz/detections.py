@@ -1,29 +1,20 @@
-"""Pictures of a detection run: eval images with the model's boxes beside the ground truth.
-
-``python -m sasa_jax.visualize --workdir=DIR`` calls ``visualize_detections`` for a detection
-run: the first ``count`` eval images, each as two panels -- the ground truth (green, class
-names) and the detections scoring at least ``min_score`` (red, class names and scores).
-"""
+"""Pictures of a detector's boxes (``python -m sasa_jax.visualize`` on a detection run): eval
+images, each as two panels -- the ground truth (green, class names) and the detections scoring
+at least ``min_score`` (red, class names and scores). Figures are matplotlib's ``Figure`` (no
+pyplot: the caller's backend is left alone)."""
 
 from __future__ import annotations
-
-import pathlib
 
 import jax
 import numpy as np
 
-from sasa_jax import data
-from sasa_jax.detection.task import DetectionTask
+from sasa_jax.tasks import DetectionTask
 
 
-def predict_examples(config, model, examples: list[dict], num_classes: int) -> dict:
+def predict_examples(task: DetectionTask, model, examples: list[dict]) -> dict:
     """Detections (input pixels) for eval ``examples`` (``DetectionEval``'s dicts)."""
-    from sasa_jax.train_steps import compute_dtype
-
-    task = DetectionTask(config, num_classes)
-    images = np.stack([e["image"] for e in examples])
-    found = task.predict(model, data.normalize(images, dtype=compute_dtype(config)))
-    return jax.tree.map(np.asarray, found)
+    images = {"image": np.stack([e["image"] for e in examples])}
+    return jax.tree.map(np.asarray, task.predict(model, task.inputs(images)))
 
 
 def _boxes(ax, boxes, labels, colour) -> None:
@@ -44,15 +35,13 @@ def _boxes(ax, boxes, labels, colour) -> None:
 
 def draw_detections(examples, found, class_names, *, min_score: float = 0.3, title: str = ""):
     """A matplotlib figure: per example, ground truth (left) and detections (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(examples)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(3 * 2 * cols, 3 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(3 * 2 * cols, 3 * rows + 0.4))
+    axes = fig.subplots(rows, 2 * cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, example in enumerate(examples):
@@ -75,16 +64,4 @@ def draw_detections(examples, found, class_names, *, min_score: float = 0.3, tit
     return fig
 
 
-def visualize_detections(
-    config, model, step: int, workdir: str, out: str | None = None, count: int = 8
-) -> str:
-    """Draws the first ``count`` eval images of a detection run; returns the PNG's path
-    (default ``workdir/detections.png``)."""
-    splits = data.load_dataset_from_config(config)
-    transform = data.DetectionEval(config.image_size, config.detection.max_boxes)
-    examples = [transform(i, splits.eval[i]) for i in range(min(count, len(splits.eval)))]
-    found = predict_examples(config, model, examples, splits.num_classes)
-    fig = draw_detections(examples, found, splits.class_names, title=f"{workdir} (step {step})")
-    out = out or str(pathlib.Path(workdir) / "detections.png")
-    fig.savefig(out, dpi=80)
-    return out
+__all__ = ["draw_detections", "predict_examples"]

@@ -1,6 +1,10 @@
-"""Batch norm for data parallelism whose cross-device statistics add up in device order."""
+"""Batch norm: the settings a model shares (``Norm``), and a batch norm for data parallelism whose
+cross-device statistics add up in device order (``BatchNorm``)."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +59,30 @@ def set_batch_axis(model: nnx.Module, axis_name: str | None) -> None:
             if not isinstance(module, BatchNorm):
                 raise ValueError(f"{type(module).__name__} is not sasa_jax.norm.BatchNorm")
             module.axis_name = axis_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """Batch-norm settings shared by every norm of a model; ``layer`` is the batch-norm class
+    (any ``nnx.BatchNorm`` subclass)."""
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    layer: type[nnx.BatchNorm] = nnx.BatchNorm
+
+    def __call__(self, features: int, *, rngs: nnx.Rngs, zero_scale: bool = False):
+        init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
+        return self.layer(
+            features,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=init,
+            rngs=rngs,
+        )
+
+
+__all__ = ["BatchNorm", "Norm", "set_batch_axis"]

@@ -1,6 +1,6 @@
-"""Parameters and FLOPs of a RetinaNet, in ``sasa_jax.summary``'s two conventions.
+"""Parameters and FLOPs of a RetinaNet, in ``flops``' two conventions.
 
-The backbone is counted as ``sasa_jax.summary`` counts a ResNet, without its classifier (a
+The backbone is counted as ``flops`` counts a ResNet, without its classifier (a
 detector has none). The FPN: its 1x1 laterals on C3-C5, its spatial layers at P3-P5, P6 (at the
 resolution of its input, P5 or C5) and P7. The heads are shared across levels, so their
 layers are counted once per level P3-P7. Post-processing (decoding, NMS) is not counted.
@@ -8,31 +8,25 @@ layers are counted once per level P3-P7. Post-processing (decoding, NMS) is not 
 
 from __future__ import annotations
 
-from sasa_jax.detection.projection import ProjectedAttention
-from sasa_jax.detection.retinanet import RetinaNet
-from sasa_jax.summary import module_flops, param_count
+from sasa_jax.analysis.flops import add_counter, backbone_parts, module_flops, param_count
+from sasa_jax.models.projection import ProjectedAttention
+from sasa_jax.models.retinanet import RetinaNet
 
 
-def _layer_flops(layer, h: int, w: int, convention: str) -> tuple[int, int, int]:
-    """``module_flops``, plus ``ProjectedAttention``: its attention, then ``W_O`` on the
-    attention's output."""
-    if not isinstance(layer, ProjectedAttention):
-        return module_flops(layer, h, w, convention)
+def _projected_attention_flops(layer: ProjectedAttention, h: int, w: int, convention: str):
+    """Its attention, then ``W_O`` on the attention's output."""
     flops, oh, ow = module_flops(layer.attention, h, w, convention)
     return flops + module_flops(layer.projection, oh, ow, convention)[0], oh, ow
 
 
+add_counter(ProjectedAttention, _projected_attention_flops)
+
+
 def _backbone(model: RetinaNet, size: int, convention: str) -> tuple[int, dict[str, int]]:
     """Backbone FLOPs and the side of c2..c5."""
-    backbone = model.backbone
-    flops, h, _ = module_flops(backbone.stem, size, size, convention)
-    sides = {}
-    for index, stage in enumerate(backbone.stages):
-        for block in stage:
-            f, h, _ = module_flops(block, h, h, convention)
-            flops += f
-        sides[f"c{index + 2}"] = h
-    return flops, sides
+    parts = backbone_parts(model.backbone, size, convention)
+    sides = {f"c{i + 2}": parts[f"stage{i + 1}"][1][0] for i in range(len(parts) - 1)}
+    return sum(flops for flops, _ in parts.values()), sides
 
 
 def _fpn(model: RetinaNet, sides: dict[str, int], convention: str) -> tuple[int, dict[str, int]]:
@@ -43,12 +37,12 @@ def _fpn(model: RetinaNet, sides: dict[str, int], convention: str) -> tuple[int,
     for i, (lateral, output) in enumerate(zip(fpn.laterals, fpn.outputs, strict=True)):
         side = sides[f"c{i + 3}"]
         flops += module_flops(lateral, side, side, convention)[0]
-        f, levels[f"p{i + 3}"], _ = _layer_flops(output, side, side, convention)
+        f, levels[f"p{i + 3}"], _ = module_flops(output, side, side, convention)
         flops += f
     side = levels["p5"] if fpn.p6_from == "p5" else sides["c5"]
-    f, levels["p6"], _ = _layer_flops(fpn.p6, side, side, convention)
+    f, levels["p6"], _ = module_flops(fpn.p6, side, side, convention)
     flops += f
-    f, levels["p7"], _ = _layer_flops(fpn.p7, levels["p6"], levels["p6"], convention)
+    f, levels["p7"], _ = module_flops(fpn.p7, levels["p6"], levels["p6"], convention)
     return flops + f, levels
 
 
@@ -56,7 +50,7 @@ def _head(head, levels: dict[str, int], convention: str) -> int:
     flops = 0
     for side in levels.values():
         for layer in [*head.layers, head.output]:
-            flops += _layer_flops(layer, side, side, convention)[0]
+            flops += module_flops(layer, side, side, convention)[0]
     return flops
 
 

@@ -25,12 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sasa_jax import data, tasks
-from sasa_jax import workdir as run_record
-from sasa_jax.checkpoints import Checkpointer
-from sasa_jax.metrics import MetricWriter, Progress
 from sasa_jax.models import ModelSpec
-from sasa_jax.norm import set_batch_axis
-from sasa_jax.train_steps import (
+from sasa_jax.nn.norm import set_batch_axis
+from sasa_jax.train import workdir as run_record
+from sasa_jax.train.checkpoints import Checkpointer
+from sasa_jax.train.metrics import MetricWriter, Progress
+from sasa_jax.train.steps import (
     create_optimizer,
     create_train_state,
     eval_step,
@@ -60,17 +60,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     schedule and logging fields): ``sasa_jax.sweep`` runs them for every cell before any run
     starts, without holding the accelerators its runs need."""
     ModelSpec.from_config(config.model)
-    if config.dataset not in data.DATASETS:
-        raise ValueError(f"config.dataset must be one of {data.DATASETS}, got {config.dataset!r}")
-    if config.dataset in data.DETECTION_DATASETS:
-        from sasa_jax.detection.task import check_detection_config
-
+    if data.dataset_task(config.dataset) == "detection":
         if "detection" not in config:
             raise ValueError(
                 f"dataset {config.dataset!r} is for detection: derive the config from "
-                "config_lib.detection_config() (see configs/digits_detection.py)"
+                "sasa_jax.train.config.detection_config() (see configs/digits_detection.py)"
             )
-        check_detection_config(config)
+        tasks.check_detection_config(config)
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0")
     if not 0.0 <= config.ema_decay < 1.0:
@@ -162,6 +158,10 @@ class MetricWindow:
         return {**means, "learning_rate": float(self.learning_rate)}
 
 
+# Steps between the processes' agreements on stopping (multi-process runs).
+AGREE_EVERY = 10
+
+
 class _Stopper:
     """Turns SIGTERM/SIGINT into a request to checkpoint and stop after the current step."""
 
@@ -183,10 +183,15 @@ class _Stopper:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        """All processes stop together if any of them was signalled."""
+    def agreed(self, step: int) -> bool:
+        """True when the run stops after ``step``. One process decides alone; several agree
+        (stop together if any of them was signalled) every ``AGREE_EVERY`` steps, and only
+        then: an all-gather at every step would cost every step a host round trip. A signal
+        therefore stops the run within ``AGREE_EVERY`` steps, all processes at the same step."""
         if jax.process_count() == 1:
             return self.requested
+        if step % AGREE_EVERY:
+            return False
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.array(self.requested))
@@ -252,7 +257,8 @@ def compiled_eval_step(config, eval_graph, task, mesh, batch_sharding):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds a checkpoint) and returns the last
-    metrics written. Raises FloatingPointError if the loss stops being finite."""
+    metrics written, with ``step`` and ``stopped`` (a signal stopped the run with a checkpoint
+    before its last step). Raises FloatingPointError if the loss stops being finite."""
     validate_config(config)
     changes = run_record.resume_changes(config, workdir)
     primary = jax.process_index() == 0
@@ -304,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             flush=True,
         )
     last: dict[str, Any] = {}
+    stop = False
     window = MetricWindow()
     timer, steps_timed, paused = time.perf_counter(), 0, 0.0
     try:
@@ -314,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 window.add(metrics, rate)
                 steps_timed += 1
                 final = step == schedule.total_steps
-                stop = stopper.agreed()
+                stop = stopper.agreed(step)
                 if step % schedule.log_every == 0 or final or stop:
                     _check_finite(window.finite, step, checkpointer)
                     elapsed = time.perf_counter() - timer - paused
@@ -357,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         checkpointer.close()
         writer.close()
-    return {"step": int(_host(state.step)), **last}
+    return {"step": int(_host(state.step)), "stopped": stop, **last}
 
 
 def load_run(workdir: str):

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.detection.projection import sasa_part
-from sasa_jax.models import Conv1x1
+from sasa_jax.models.projection import sasa_part
+from sasa_jax.nn import Conv1x1
 
 Array = jax.Array
 

@@ -63,6 +63,18 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def small_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Sets the small attention ResNet the bundled datasets train (ResNet-26 layout, widths
+    x0.25, conv stem and attention in every stage, 5x5 windows, batch-norm momentum 0.9);
+    returns ``config``."""
+    config.model.depth = 26
+    config.model.variant = "conv_stem_attention"
+    config.model.width_multiplier = 0.25
+    config.model.window = 5
+    config.model.bn_momentum = 0.9
+    return config
+
+
 def detection_config() -> ml_collections.ConfigDict:
     """``default_config`` plus the detection fields: ``config.detection`` (the RetinaNet,
     its anchors, loss, augmentation and post-processing) and ``config.coco_folder``."""

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from sasa_jax import data, parallel
+from sasa_jax import parallel
+from sasa_jax.nn import set_batch_axis
 
 NO_DECAY = ("bias", "scale")  # batch-norm scales and offsets, and every bias
 
@@ -37,11 +38,6 @@ class TrainState:
     def eval_params(self) -> nnx.State:
         """The weights eval uses: the EMA when the run keeps one."""
         return self.params if self.ema_params is None else self.ema_params
-
-
-def compute_dtype(config) -> Any:
-    """bfloat16 with ``config.half_precision``, else float32 (parameters stay float32)."""
-    return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
 def learning_rate_schedule(config, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -126,6 +122,24 @@ def create_train_state(model, tx: optax.GradientTransformation, config):
     return graphdef, eval_graph, state
 
 
+def abstract_train_state(task, tx: optax.GradientTransformation, config, axis_name=None):
+    """``(graphdef, eval_graph, state)`` of ``task``'s model with the state as
+    ShapeDtypeStructs: the model and its train state are built under ``jax.eval_shape``, so
+    nothing is allocated (for compiling without devices); batch norms average over
+    ``axis_name``."""
+    graphs = {}
+
+    def build():
+        model = task.create_model(config.seed)
+        set_batch_axis(model, axis_name)
+        graphdef, eval_graph, state = create_train_state(model, tx, config)
+        graphs["train"], graphs["eval"] = graphdef, eval_graph
+        return state
+
+    state = jax.eval_shape(build)
+    return graphs["train"], graphs["eval"], state
+
+
 def micro_batches(batch: dict, count: int) -> dict:
     """``[b, ...] -> [count, b / count, ...]`` for every array of ``batch``: micro-batch ``i``
     holds examples ``i, i + count, i + 2 count, ...``, so a batch sharded over devices gives
@@ -146,7 +160,7 @@ def _gradients(graphdef, params, batch_stats, batch, *, config, task):
     """The task's loss, its scalar metrics and the gradients on one (micro-)batch, and the
     batch statistics the forward pass leaves behind."""
     model = nnx.merge(graphdef, params, batch_stats)
-    images = data.normalize(batch["image"], dtype=compute_dtype(config))
+    images = task.inputs(batch)
 
     def loss_fn(model):
         return task.loss(model, images, batch)
@@ -248,5 +262,4 @@ def apply_gradients(
 def eval_step(state: TrainState, batch: dict, *, graphdef, config, task) -> dict:
     """``task.eval_outputs`` of the eval weights on a padded global batch."""
     model = nnx.merge(graphdef, state.eval_params(), state.batch_stats)
-    images = data.normalize(batch["image"], dtype=compute_dtype(config))
-    return task.eval_outputs(model, images, batch)
+    return task.eval_outputs(model, task.inputs(batch), batch)

@@ -2,7 +2,7 @@
 COCO metrics over the whole eval split.
 
 The detector comes from ``config.model`` (the backbone) and ``config.detection`` (see
-``config_lib.detection_config``); anchors are fixed by ``config.image_size`` (square inputs).
+``train.config.detection_config``); anchors are fixed by ``config.image_size`` (square inputs).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -19,11 +20,11 @@ from sasa_jax import data
 from sasa_jax.detection.anchors import AnchorSpec, anchor_boxes
 from sasa_jax.detection.coco_eval import coco_metrics, detection_rows
 from sasa_jax.detection.postprocess import detect
-from sasa_jax.detection.retinanet import DetectorSpec, RetinaNet
 from sasa_jax.detection.targets import assign_targets, detection_loss
 from sasa_jax.models import ModelSpec
-from sasa_jax.norm import BatchNorm
-from sasa_jax.train_steps import compute_dtype
+from sasa_jax.models.retinanet import DetectorSpec, RetinaNet
+from sasa_jax.nn import BatchNorm
+from sasa_jax.tasks.base import compute_dtype, normalized_images
 
 
 def detector_spec(config, num_classes: int) -> DetectorSpec:
@@ -76,6 +77,10 @@ class DetectionTask:
         spec = detector_spec(self.config, self.num_classes)
         dtype = compute_dtype(self.config)
         return RetinaNet(spec, rngs=nnx.Rngs(seed), dtype=dtype, batch_norm=BatchNorm)
+
+    def inputs(self, batch: dict) -> jax.Array:
+        """The batch's images, normalised, in the compute dtype: the model's input."""
+        return normalized_images(self.config, batch)
 
     def loss(self, model, images, batch):
         logits, deltas = model(images)

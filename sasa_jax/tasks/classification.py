@@ -1,16 +1,10 @@
-"""What the shared trainer learns: a task gives the model, the loss, the eval outputs and how
-they become metrics, and the examples the input pipeline makes.
-
-``make_task(config, splits)`` picks ``ClassificationTask`` or, for the detection datasets,
-``detection.task.DetectionTask``. The trainer (``train_lib``) and the steps (``train_steps``)
-are the same for both.
-"""
+"""Image classification with a ResNet: label-smoothed cross-entropy; eval top-1 and top-5."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,26 +14,8 @@ from flax import nnx
 
 from sasa_jax import data
 from sasa_jax.models import ModelSpec, build_model
-from sasa_jax.norm import BatchNorm
-from sasa_jax.train_steps import compute_dtype
-
-
-class Task(Protocol):
-    num_classes: int
-
-    def create_model(self, seed: int) -> nnx.Module: ...
-
-    def loss(self, model, images: jax.Array, batch: dict) -> tuple[jax.Array, dict]: ...
-
-    def eval_outputs(self, model, images: jax.Array, batch: dict) -> dict: ...
-
-    def augment(self) -> data.pipeline.Augment: ...
-
-    def eval_example(self) -> data.pipeline.EvalExample: ...
-
-    def summarize(self, outputs: Iterable[dict]) -> dict[str, float]: ...
-
-    def describe(self, results: dict[str, float]) -> str: ...
+from sasa_jax.nn import BatchNorm
+from sasa_jax.tasks.base import compute_dtype, normalized_images
 
 
 def cross_entropy(
@@ -63,6 +39,10 @@ class ClassificationTask:
         spec = ModelSpec.from_config(self.config.model, num_classes=self.num_classes)
         dtype = compute_dtype(self.config)
         return build_model(spec, rngs=nnx.Rngs(seed), dtype=dtype, batch_norm=BatchNorm)
+
+    def inputs(self, batch: dict) -> jax.Array:
+        """The batch's images, normalised, in the compute dtype: the model's input."""
+        return normalized_images(self.config, batch)
 
     def loss(self, model, images, batch):
         logits = model(images)
@@ -107,12 +87,3 @@ class ClassificationTask:
             f"top-1 {results['eval_top1']:.4f}, top-5 {results['eval_top5']:.4f}, "
             f"loss {results['eval_loss']:.4f}"
         )
-
-
-def make_task(config, num_classes: int) -> Task:
-    """The task of ``config.dataset``: detection for ``data.DETECTION_DATASETS``."""
-    if config.dataset in data.DETECTION_DATASETS:
-        from sasa_jax.detection.task import DetectionTask
-
-        return DetectionTask(config, num_classes)
-    return ClassificationTask(config, num_classes)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.layers import SelfAttention2D
-from sasa_jax.models import Conv1x1
+from sasa_jax.nn import Conv1x1
+from sasa_jax.nn.attention import SelfAttention2D
 
 Array = jax.Array
 

@@ -1,0 +1,225 @@
+"""NNX ResNets (v1.5 bottleneck) whose spatial op is injected per stage.
+
+A spatial op is any callable ``factory(in_features, out_features, *, strides, rngs)`` that
+returns a module mapping ``[b, h, w, in] -> [b, h/strides, w/strides, out]``: a 3x3 convolution
+(``conv3x3``) or the SASA layer (``attention(...)``). The stem (``ConvStem`` or
+``AttentionStem``) and the batch norm (``Norm.layer``: ``nnx.BatchNorm`` unless the caller
+injects another, as the trainer does for device-ordered statistics) are injected the same
+way. Models know nothing of training; ``build_model`` turns a ``ModelSpec`` into a module.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sasa_jax.nn import Conv1x1, Norm, SelfAttention2D, StemAttention, block_max
+
+Array = jax.Array
+SpatialFactory = Callable[..., nnx.Module]
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+
+
+EXPANSION = 4
+
+
+def attention(**layer_kwargs) -> SpatialFactory:
+    """A spatial factory of SASA layers; ``layer_kwargs`` go to ``SelfAttention2D``."""
+    return functools.partial(SelfAttention2D, **layer_kwargs)
+
+
+class ConvStem(nnx.Module):
+    """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool: ``[b,224,224,3] -> [b,56,56,w]``."""
+
+    def __init__(
+        self, in_features: int = 3, out_features: int = 64, *, norm: Norm = Norm(), rngs: nnx.Rngs
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.conv = nnx.Conv(
+            in_features,
+            out_features,
+            (7, 7),
+            strides=2,
+            padding=[(3, 3)] * 2,
+            use_bias=False,
+            dtype=norm.dtype,
+            param_dtype=norm.param_dtype,
+            rngs=rngs,
+        )
+        self.norm = norm(out_features, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        y = nnx.relu(self.norm(self.conv(x)))
+        return nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class AttentionStem(nnx.Module):
+    """The attention stem: ``StemAttention`` (attention in each block x block tile with
+    spatially-aware values), batch norm, ReLU and a block x block max pool:
+    ``[b, 224, 224, 3] -> [b, 56, 56, 64]``. The paper names the norm and the pool; the ReLU
+    between them is our choice, as in the conv stem. ``attention_kwargs`` go to
+    ``StemAttention`` (block, values, heads, implementation, dtypes)."""
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 64,
+        *,
+        norm: Norm = Norm(),
+        rngs: nnx.Rngs,
+        **attention_kwargs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.attention = StemAttention(in_features, out_features, rngs=rngs, **attention_kwargs)
+        self.block = self.attention.block
+        self.norm = norm(out_features, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        y = nnx.relu(self.norm(self.attention(x)))
+        return block_max(y, self.block)
+
+
+class Bottleneck(nnx.Module):
+    """ResNet v1.5 bottleneck: 1x1, spatial op (carries the stride), 1x1 (x4), + shortcut."""
+
+    def __init__(
+        self,
+        in_features: int,
+        width: int,
+        *,
+        strides: int,
+        spatial: SpatialFactory,
+        norm: Norm,
+        zero_init_residual: bool,
+        rngs: nnx.Rngs,
+    ):
+        out = width * EXPANSION
+        dtypes = dict(dtype=norm.dtype, param_dtype=norm.param_dtype)
+        self.strides = strides
+        self.conv1 = Conv1x1(in_features, width, use_bias=False, rngs=rngs, **dtypes)
+        self.norm1 = norm(width, rngs=rngs)
+        self.spatial = spatial(width, width, strides=strides, rngs=rngs)
+        self.norm2 = norm(width, rngs=rngs)
+        self.conv3 = Conv1x1(width, out, use_bias=False, rngs=rngs, **dtypes)
+        self.norm3 = norm(out, rngs=rngs, zero_scale=zero_init_residual)
+        if strides != 1 or in_features != out:
+            self.shortcut = Conv1x1(
+                in_features, out, strides=strides, use_bias=False, rngs=rngs, **dtypes
+            )
+            self.shortcut_norm = norm(out, rngs=rngs)
+        else:
+            self.shortcut = self.shortcut_norm = None
+
+    def __call__(self, x: Array) -> Array:
+        y = nnx.relu(self.norm1(self.conv1(x)))
+        y = nnx.relu(self.norm2(self.spatial(y)))
+        y = self.norm3(self.conv3(y))
+        residual = x if self.shortcut is None else self.shortcut_norm(self.shortcut(x))
+        return nnx.relu(y + residual)
+
+
+class ResNet(nnx.Module):
+    """A bottleneck ResNet with an injected stem and one spatial factory per stage.
+
+    Args:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      spatial: one spatial factory per stage (``conv3x3`` or ``attention(...)``).
+      stem: factory ``stem(in_features, out_features, *, rngs)``.
+      num_classes: classifier outputs; 0 builds no classifier (a detection backbone: only
+        ``features`` then).
+      width_multiplier: scales the stem and stage widths (64, 128, 256, 512), as in Fig. 5.
+      norm: batch-norm settings and the compute/parameter dtypes.
+      zero_init_residual: zero-init the last BN scale of each block.
+    """
+
+    def __init__(
+        self,
+        stage_sizes: Sequence[int],
+        *,
+        spatial: Sequence[SpatialFactory],
+        stem: Callable[..., nnx.Module],
+        num_classes: int = 1000,
+        width_multiplier: float = 1.0,
+        in_features: int = 3,
+        norm: Norm = Norm(),
+        zero_init_residual: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if len(spatial) != len(stage_sizes):
+            raise ValueError(
+                f"need one spatial factory per stage ({len(stage_sizes)}), got {len(spatial)}"
+            )
+        widths = [_scaled(w, width_multiplier) for w in STAGE_WIDTHS[: len(stage_sizes)]]
+        self.stem = stem(in_features, _scaled(64, width_multiplier), rngs=rngs)
+        features = self.stem.out_features
+        self.stages = nnx.List()
+        for index, (blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
+            stage = nnx.List()
+            for block in range(blocks):
+                strides = 2 if index > 0 and block == 0 else 1
+                stage.append(
+                    Bottleneck(
+                        features,
+                        width,
+                        strides=strides,
+                        spatial=spatial[index],
+                        norm=norm,
+                        zero_init_residual=zero_init_residual,
+                        rngs=rngs,
+                    )
+                )
+                features = width * EXPANSION
+            self.stages.append(stage)
+        self.num_features = features
+        self.head = (
+            nnx.Linear(
+                features, num_classes, dtype=norm.dtype, param_dtype=norm.param_dtype, rngs=rngs
+            )
+            if num_classes
+            else None
+        )
+
+    def features(self, x: Array) -> dict[str, Array]:
+        """Multi-scale features for detection: outputs of stages 2-5 (``c2``..``c5``),
+        at strides 4, 8, 16 and 32."""
+        y = self.stem(x)
+        out = {}
+        for index, stage in enumerate(self.stages):
+            for block in stage:
+                y = block(y)
+            out[f"c{index + 2}"] = y
+        return out
+
+    def __call__(self, x: Array) -> Array:
+        """``x: [batch, height, width, 3] -> logits [batch, num_classes]`` (float32)."""
+        if self.head is None:
+            raise ValueError("this ResNet was built without a classifier (num_classes=0)")
+        y = self.features(x)[f"c{len(self.stages) + 1}"]
+        return self.head(jnp.mean(y, axis=(1, 2))).astype(jnp.float32)
+
+
+def _scaled(width: int, multiplier: float) -> int:
+    scaled = width * multiplier
+    if scaled != int(scaled) or scaled < 1:
+        raise ValueError(
+            f"width_multiplier {multiplier} gives a non-integer width {scaled} "
+            f"for base width {width}"
+        )
+    return int(scaled)
+
+
+__all__ = [
+    "EXPANSION",
+    "STAGE_WIDTHS",
+    "AttentionStem",
+    "Bottleneck",
+    "ConvStem",
+    "ResNet",
+    "SpatialFactory",
+    "attention",
+]

@@ -1,0 +1,56 @@
+"""The trainer's config checks: one clear ValueError before anything is built or compiled."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from sasa_jax.train import config as config_lib
+from sasa_jax.train import loop as train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(path, arg=None):
+    return config_lib.from_file(ROOT / path, arg)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("dataset", "cifar10", "config.dataset"),
+        ("num_epochs", 0, "num_train_steps"),
+        ("ema_decay", 1.0, "ema_decay"),
+        ("eval_batch_size", 0, "eval_batch_size"),
+    ],
+)
+def test_config_errors(field, value, match):
+    config = _config("configs/digits.py")
+    config[field] = value
+    if field == "num_epochs":
+        config.num_train_steps = -1
+    with pytest.raises(ValueError, match=match):
+        train_lib.validate_config(config)
+
+
+def test_unknown_variant_is_a_config_error():
+    config = _config("configs/digits.py")
+    config.model.variant = "resnext"
+    with pytest.raises(ValueError, match="model.variant"):
+        train_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("accum, match", [(0, "must be >= 1"), (7, "divide config.batch_size")])
+def test_grad_accum_steps_must_divide_the_batch(accum, match):
+    config = _config("configs/digits.py")
+    config.grad_accum_steps = accum
+    with pytest.raises(ValueError, match=match):
+        train_lib.validate_config(config)
+
+
+def test_a_detection_dataset_needs_a_detection_config():
+    config = _config("configs/digits.py")
+    config.dataset = "digit_scenes"
+    with pytest.raises(ValueError, match="is for detection"):
+        train_lib.check_config(config)
