@@ -59,3 +59,26 @@ def test_op_forward_and_backward_compile(platform, dtype, count, devices_of):
     if count > 1:  # each device attends over its own images: nothing gathers the batch
         assert "all-gather" not in text and "all-to-all" not in text
     assert compiled.memory_analysis().temp_size_in_bytes >= 0
+
+
+def test_auto_compiles_pure_jax_for_a_gpu_before_ampere():
+    """Pallas's Triton path needs compute capability 8.0: for a T4 (7.5, Colab's free GPU)
+    ``auto`` compiles the op with a pure-JAX implementation, and an H100 gets the kernel."""
+    from sasa_jax.analysis import targets
+
+    x = jax.ShapeDtypeStruct((2, 28, 28, 8, 16), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((7, 8), jnp.bfloat16)
+
+    def loss(q, k, v, rr, rc):
+        out = sasa_jax.local_attention(q, k, v, window=7, rel_row=rr, rel_col=rc)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    for name, kernels in (("t4:1", 0), ("h100:1", 2)):
+        (device,) = targets.devices(targets.parse_topology(name))
+        mesh = Mesh(np.array([device]), ("data",))
+        put = NamedSharding(mesh, PartitionSpec())
+        args = [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=put) for a in (x, x, x, table, table)
+        ]
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+        assert text.count(KERNEL["cuda"]) == kernels, name
