@@ -55,3 +55,29 @@ LONG = ("test_train.py", "test_notebook.py", "test_visualize_a_tiny_trained_run"
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not any(name in item.nodeid for name in LONG))
+
+
+def _register_pallas_tpu_interpreted():
+    """The TPU kernels' layout (``pallas_tpu``) in Pallas interpret mode, as an implementation
+    of its own for the tests ("pallas" on CPU interprets the GPU layout)."""
+    from sasa_jax.attention import pallas_tpu, registry
+
+    def forward(q, k, v, rel_row, rel_col, rows, cols, platform):
+        return pallas_tpu.forward(q, k, v, rel_row, rel_col, rows, cols, interpret=True)
+
+    def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, platform):
+        return pallas_tpu.backward(
+            q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, interpret=True
+        )
+
+    registry.register(
+        registry.Implementation(
+            "pallas_tpu_interpret",
+            kernel=registry.Kernel(forward, backward),
+            available=lambda backend: False,
+            callable_on=("cpu",),
+        )
+    )
+
+
+_register_pallas_tpu_interpreted()

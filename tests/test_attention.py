@@ -23,9 +23,10 @@ from sasa_jax import local_attention
 from sasa_jax.attention import BORDERS
 
 # Every implementation: those offered on CPU ("auto" there is native, tested as itself) and
-# the Pallas kernels in interpret mode.
+# the Pallas kernels in interpret mode: "pallas" (the GPU layout on CPU) and the TPU layout
+# (conftest.py registers it as "pallas_tpu_interpret").
 IMPLEMENTATIONS = [n for n in sasa_jax.attention_implementations("cpu") if n != "auto"]
-IMPLEMENTATIONS += ["pallas"]
+IMPLEMENTATIONS += ["pallas", "pallas_tpu_interpret"]
 
 
 def _inputs(seed, image, window, border, rel, batch=2, heads=2, dim=4, dim_v=3):
@@ -243,7 +244,7 @@ def _head_case(heads, dim, dim_v):
 
 # The kernels have code per channel count (the C++ kernel's compile-time sizes, the Pallas
 # layouts' padding); the pure-JAX implementations do not.
-@pytest.mark.parametrize("implementation", ["native", "pallas"])
+@pytest.mark.parametrize("implementation", ["native", "pallas", "pallas_tpu_interpret"])
 @pytest.mark.parametrize("heads, dim, dim_v", HEAD_SHAPES, ids=lambda x: str(x))
 def test_head_shapes_match_reference(implementation, heads, dim, dim_v):
     """Outputs and gradients for head counts and widths beyond the small cases above."""
@@ -636,7 +637,7 @@ def _block_inputs(image, heads, dim, block, rel, batch=2):
 # "native", "pallas" and "tiled" run block_attention on the whole map with block windows:
 # every block geometry with tables, and without tables or keys on the first. "gather" and
 # "dense" run on cut-out tiles through their "clamp" path (the matrix above): one case.
-WHOLE_MAP = ("native", "pallas", "tiled")
+WHOLE_MAP = ("native", "pallas", "pallas_tpu_interpret", "tiled")
 BLOCK_RUNS = [
     (implementation, case, rel)
     for implementation in IMPLEMENTATIONS

@@ -155,7 +155,9 @@ class SelfAttention2D(nnx.Module):
         self.positional, self.logits = positional, logits
         self.border, self.dilation, self.implementation = border, dilation, implementation
         self.dtype = dtype
-        self.capture = False  # set True to sow weights and relative logits (visualize.py)
+        # set True to sow the attention weights, relative logits, inputs and outputs
+        # (sasa_jax.viz.attention_maps, sasa_jax.analysis.diagnostics)
+        self.capture = False
         self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
         self.key = (
             _projection(in_features, out_features, dtype, param_dtype, rngs)
@@ -212,6 +214,8 @@ class SelfAttention2D(nnx.Module):
         out, weights = result if want_weights else (result, None)
         if self.capture:
             self.sow(nnx.Intermediate, "attention_weights", weights)
+            self.sow(nnx.Intermediate, "inputs", x)
+            self.sow(nnx.Intermediate, "outputs", out)
             if rel:
                 self.sow(
                     nnx.Intermediate,
@@ -269,7 +273,8 @@ class StemAttention(nnx.Module):
         self.block, self.num_heads = block, num_heads
         self.head_dim = out_features // num_heads
         self.values, self.implementation, self.dtype = values, implementation, dtype
-        self.capture = False  # set True to sow per-tile attention weights (visualize.py)
+        # set True to sow the attention weights (on the map), inputs and outputs
+        self.capture = False
         self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
         self.key = _projection(in_features, out_features, dtype, param_dtype, rngs)
         normal = jax.nn.initializers.normal(1.0)
@@ -362,5 +367,7 @@ class StemAttention(nnx.Module):
         out, weights = result if want_weights else (result, None)
         if self.capture:
             self.sow(nnx.Intermediate, "attention_weights", from_blocks(weights, x.shape[:3]))
+            self.sow(nnx.Intermediate, "inputs", x)
+            self.sow(nnx.Intermediate, "outputs", out)
         out = out.reshape(*x.shape[:3], self.out_features)
         return (out, weights) if return_weights else out

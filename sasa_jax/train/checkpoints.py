@@ -46,6 +46,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of the kept checkpoints."""
+        return list(self._manager.all_steps())
+
     def save(self, step: int, state: Any, batches) -> None:
         self._manager.save(
             step,

@@ -1,0 +1,159 @@
+"""Per-layer statistics of a model's attention on a batch: is it learning, or stuck?
+
+``attention_stats(model, images)`` runs one forward pass with every attention layer capturing
+(``SelfAttention2D`` and ``StemAttention``: their inputs, outputs and weights) and returns, per
+layer:
+
+- ``in_rms`` / ``out_rms``: the root mean square of the layer's input and output;
+- ``entropy``: the attention weights' mean entropy over each query's window, as a fraction of
+  the uniform weights' (1.0: uniform -- the layer averages its window; 0: one tap);
+- ``top``: the mean largest weight of a query;
+- ``qk_std`` / ``qr_std``: the spread (std over queries and heads) of the content logit
+  ``q·k`` at the query's own position and of the relative logits ``q·r`` over the window's
+  offsets: which of the two decides the weights;
+- ``rel_rms``: the relative tables' RMS; for the stem, ``mix_entropy``: the spatially-aware
+  values' mixture weights ``p(a, b, m)``'s entropy as a fraction of log M (1.0: every position
+  class mixes the M value matrices equally).
+
+``gradient_ratios(task, model, batch)`` gives, per top-level part and per attention layer,
+``|grad| / |weights|`` of one train-mode step's loss: the relative update SGD would make.
+``python -m sasa_jax.diagnose --workdir=DIR`` prints both for a run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sasa_jax.nn import SelfAttention2D, StemAttention
+
+
+def attention_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """``(path, layer)`` of every SASA layer and stem attention in ``model``."""
+    return [
+        ("/".join(str(p) for p in path), module)
+        for path, module in nnx.iter_graph(model)
+        if isinstance(module, SelfAttention2D | StemAttention)
+    ]
+
+
+def _rms(x) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))
+
+
+def _entropy_fraction(weights: np.ndarray) -> tuple[float, float]:
+    """Mean entropy over queries as a fraction of log(taps in the softmax), and the mean
+    largest weight. ``weights`` ``[..., taps]`` (0 for taps outside the softmax)."""
+    w = np.asarray(weights, np.float64)
+    taps = np.maximum((w > 0).sum(-1), 2)
+    entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(-1)
+    return float(np.mean(entropy / np.log(taps))), float(np.mean(w.max(-1)))
+
+
+def _node(tree: Any, path: str) -> Any:
+    for key in path.split("/"):
+        tree = tree[int(key) if key.isdigit() else key]
+    return tree
+
+
+def _content_logit(layer, x) -> np.ndarray | None:
+    """``q·k`` of each query with its own position, ``[b, H, W, heads]`` (None without keys)."""
+    if getattr(layer, "key", None) is None:
+        return None
+    split = (layer.num_heads, layer.head_dim)
+    q = layer.query(x) * layer.head_dim**-0.5
+    k = layer.key(x)
+    q, k = q.reshape(*q.shape[:3], *split), k.reshape(*k.shape[:3], *split)
+    return np.asarray((q * k).sum(-1))
+
+
+def _mixture_entropy(layer: StemAttention) -> float | None:
+    if layer.value_mixture is None:
+        return None
+    p = np.asarray(layer.mixture_weights(), np.float64)
+    entropy = -(p * np.log(np.maximum(p, 1e-30))).sum(-1)
+    return float(np.mean(entropy) / math.log(p.shape[-1]))
+
+
+def attention_stats(model: nnx.Module, images: jax.Array) -> dict[str, dict[str, float]]:
+    """The statistics above for each attention layer of ``model`` (in its current train or
+    eval mode) on normalised ``images`` ``[b, H, W, 3]``."""
+    layers = attention_layers(model)
+    for _, layer in layers:
+        layer.capture = True
+    try:
+        _, captured = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(model, images)
+    finally:
+        for _, layer in layers:
+            layer.capture = False
+    stats = {}
+    for path, layer in layers:
+        node = _node(captured, path)
+        x = node["inputs"][0]
+        entropy, top = _entropy_fraction(node["attention_weights"][0])
+        row = {
+            "in_rms": _rms(x),
+            "out_rms": _rms(node["outputs"][0]),
+            "entropy": entropy,
+            "top": top,
+            "qk_std": None,
+            "qr_std": None,
+            "rel_rms": None,
+        }
+        content = _content_logit(layer, x)
+        if content is not None:
+            row["qk_std"] = float(np.std(content))
+        if "relative_logits" in node:
+            row["qr_std"] = float(np.std(np.asarray(node["relative_logits"][0])))
+        if getattr(layer, "rel_row", None) is not None:
+            tables = [layer.rel_row[...].ravel(), layer.rel_col[...].ravel()]
+            row["rel_rms"] = _rms(np.concatenate(tables))
+        if isinstance(layer, StemAttention):
+            row["mix_entropy"] = _mixture_entropy(layer)
+        stats[path] = row
+    return stats
+
+
+def _norm(tree) -> float:
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    return math.sqrt(sum(float(np.sum(x * x)) for x in leaves)) if leaves else 0.0
+
+
+def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
+    """``|grad| / |weights|`` of ``task.loss`` on ``batch`` (train mode), per top-level part
+    of ``model`` (``stem``, ``stages/0``, ..., ``fpn``, ``class_head``) and per attention
+    layer (its path)."""
+    model.train()
+    images = task.inputs(batch)
+    grads = nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
+    params = nnx.state(model, nnx.Param)
+    flat_g = dict(nnx.to_flat_state(grads))
+    flat_w = dict(nnx.to_flat_state(params))
+    groups: dict[str, list] = collections.defaultdict(list)
+    attention = [path for path, _ in attention_layers(model)]
+    for key in flat_w:
+        path = "/".join(str(p) for p in key)
+        part = "/".join(str(p) for p in key[:2]) if key[0] == "stages" else str(key[0])
+        groups[part].append(key)
+        for layer in attention:
+            if path.startswith(layer + "/"):
+                groups[layer].append(key)
+    ratios = {}
+    for name, keys in groups.items():
+        weights = _norm([flat_w[k].get_value() for k in keys])
+        ratios[name] = _norm([flat_g[k].get_value() for k in keys]) / max(weights, 1e-30)
+    model.eval()
+    return ratios
+
+
+def as_rows(stats: dict[str, dict[str, float]], ratios: dict[str, float]) -> list[dict]:
+    """One row per attention layer, with its gradient ratio."""
+    return [{"layer": path, **row, "grad_ratio": ratios.get(path)} for path, row in stats.items()]
+
+
+__all__ = ["as_rows", "attention_layers", "attention_stats", "gradient_ratios"]

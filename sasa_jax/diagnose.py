@@ -1,0 +1,125 @@
+r"""Per-layer statistics of a run's attention layers, from its checkpoints.
+
+  python -m sasa_jax.diagnose --workdir=DIR [--init] [--steps=400,890] [--images=32] [--json]
+
+For each kept checkpoint (and with ``--init``, the model the run started from), on the first
+``--images`` training images (augmented as in training, seed 0): each attention layer's input
+and output scale, how peaked its weights are, which logit term decides them, its relative
+tables' scale, the stem's mixture use, and ``|grad| / |weights|`` per layer and per part of the
+model (``sasa_jax.analysis.diagnostics`` says what each column is). Run it on a conv model's
+workdir too to compare the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from sasa_jax import data, tasks
+from sasa_jax.analysis import diagnostics
+from sasa_jax.train import workdir as run_record
+from sasa_jax.train.checkpoints import Checkpointer
+from sasa_jax.train.steps import create_optimizer, create_train_state
+
+COLUMNS = ("in_rms", "out_rms", "entropy", "top", "qk_std", "qr_std", "rel_rms", "grad_ratio")
+
+
+def _batch(task, config, count: int) -> dict:
+    """The first ``count`` training examples, augmented as in training (seed 0)."""
+    records = data.load_dataset_from_config(config).train
+    augment = task.augment()
+    rng = np.random.default_rng(0)
+    examples = [augment.example(records[i], rng) for i in range(min(count, len(records)))]
+    return jax.tree.map(lambda *xs: np.stack(xs), *examples)
+
+
+def _models(config, task, workdir: str, steps: list[int] | None, init: bool):
+    """``(step, model)`` for the initial model (``init``) and each checkpoint asked for."""
+    model = task.create_model(config.seed)
+    tx = create_optimizer(config)
+    graphdef, _, state = create_train_state(model, tx, config)
+    if init:
+        yield 0, nnx.merge(graphdef, state.params, state.batch_stats)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        kept = sorted(checkpointer.all_steps())
+        for step in steps or kept:
+            if step not in kept:
+                raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {kept}")
+            restored = checkpointer.restore_state(step, state)
+            yield step, nnx.merge(graphdef, restored.params, restored.batch_stats)
+    finally:
+        checkpointer.close()
+
+
+def diagnose(workdir: str, steps=None, init=False, images=32) -> list[dict]:
+    """One row per (checkpoint, attention layer) and per (checkpoint, model part)."""
+    config = run_record.load_config(workdir)
+    task = tasks.make_task(config, config.model.num_classes)
+    batch = _batch(task, config, images)
+    rows = []
+    for step, model in _models(config, task, workdir, steps, init):
+        ratios = diagnostics.gradient_ratios(task, model, batch)
+        model.eval()
+        stats = diagnostics.attention_stats(model, task.inputs(batch))
+        rows += [{"step": step, **row} for row in diagnostics.as_rows(stats, ratios)]
+        rows += [
+            {"step": step, "part": name, "grad_ratio": ratio}
+            for name, ratio in ratios.items()
+            if name not in stats
+        ]
+    return rows
+
+
+def _format(rows: list[dict]) -> str:
+    def cell(value):
+        return "-" if value is None else f"{value:.3g}"
+
+    lines = []
+    for step in sorted({r["step"] for r in rows}):
+        lines.append(f"step {step}:")
+        lines.append(f"  {'layer':<34}" + "".join(f"{c:>11}" for c in COLUMNS))
+        for r in (r for r in rows if r["step"] == step and "layer" in r):
+            lines.append(f"  {r['layer']:<34}" + "".join(f"{cell(r.get(c)):>11}" for c in COLUMNS))
+            if r.get("mix_entropy") is not None:
+                lines.append(f"  {'  stem mixture entropy':<34}{cell(r['mix_entropy']):>11}")
+        parts = [r for r in rows if r["step"] == step and "part" in r]
+        lines.append(
+            "  |grad|/|w| per part: "
+            + ", ".join(f"{r['part']} {cell(r['grad_ratio'])}" for r in parts)
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """``python -m sasa_jax.diagnose``; the flags are defined here, not on import."""
+    workdir = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+    steps = flags.DEFINE_list("steps", None, "Checkpoint steps (default: every kept one).")
+    init = flags.DEFINE_bool("init", False, "Also the model the run started from (step 0).")
+    images = flags.DEFINE_integer("images", 32, "Training images the statistics are taken on.")
+    as_json = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
+    flags.mark_flags_as_required(["workdir"])
+
+    def run(argv) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        try:
+            chosen = [int(s) for s in steps.value] if steps.value else None
+            rows = diagnose(workdir.value, chosen, init.value, images.value)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"sasa_jax.diagnose: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print(_format(rows))
+        if as_json.value:
+            print(json.dumps({"workdir": workdir.value, "rows": rows}))
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()
