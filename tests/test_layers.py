@@ -230,6 +230,17 @@ def test_stem_spatially_aware_attention_matches_hand_computation():
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
 
 
+def test_stem_zero_query_starts_as_a_block_average_of_the_values():
+    stem = StemAttention(3, 16, num_heads=2, zero_query=True, rngs=nnx.Rngs(2))
+    x = _x((2, 8, 8, 3))
+    y, weights = stem(x, return_weights=True)
+    np.testing.assert_allclose(weights, 1.0 / 16, rtol=1e-6)
+    v = np.asarray(stem._values(x)).reshape(2, 2, 4, 2, 4, 16).mean(axis=(2, 4))
+    expected = np.repeat(np.repeat(v, 4, axis=1), 4, axis=2)
+    chex.assert_trees_all_close(y, expected, atol=1e-5)
+    assert np.abs(stem.key.kernel[...]).max() > 0  # only W_Q starts at zero
+
+
 def test_stem_queries_never_see_other_tiles():
     stem = StemAttention(3, 16, num_heads=2, values="stand_alone", rngs=nnx.Rngs(0))
     x = _x((1, 8, 8, 3))

@@ -61,6 +61,8 @@ class ModelSpec:
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = True
     stem_block: int = 4
+    stem_mixtures: int = 4  # M of the spatially-aware values (not stated in the paper)
+    stem_zero_query: bool = False  # the stem's W_Q starts at zero: uniform block weights
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> ModelSpec:
@@ -148,6 +150,8 @@ def build_model(
             norm=norm,
             block=spec.stem_block,
             values=spec.stem_values,
+            num_mixtures=spec.stem_mixtures,
+            zero_query=spec.stem_zero_query,
             implementation=spec.implementation,
             **dtypes,
         )

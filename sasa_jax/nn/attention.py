@@ -243,6 +243,11 @@ class StemAttention(nnx.Module):
         inside the tile; p is shared across heads.
       "stand_alone": plain eq. 3 values ``W_V x``.
       "spatial_conv_values": values from a block x block "SAME" convolution (no bias).
+
+    A query's output lies in the span of its block's values: ``num_mixtures * in_features``
+    directions for spatially-aware values (4 for grayscale input with M = 4), ``in_features``
+    for stand-alone ones. ``zero_query`` starts ``W_Q`` at zero, so every query first averages
+    its block's values uniformly (a patch embedding) and learns where to look.
     """
 
     def __init__(
@@ -254,6 +259,7 @@ class StemAttention(nnx.Module):
         num_heads: int = 4,
         num_mixtures: int = 4,
         values: str = "spatially_aware",
+        zero_query: bool = False,
         embed_dim: int | None = None,
         implementation: str = "auto",
         dtype: Any = None,
@@ -276,6 +282,8 @@ class StemAttention(nnx.Module):
         # set True to sow the attention weights (on the map), inputs and outputs
         self.capture = False
         self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        if zero_query:  # uniform weights in every block at first (see the class docstring)
+            self.query.kernel.set_value(jnp.zeros_like(self.query.kernel[...]))
         self.key = _projection(in_features, out_features, dtype, param_dtype, rngs)
         normal = jax.nn.initializers.normal(1.0)
         table = (2 * block - 1, self.head_dim // 2)
