@@ -3,6 +3,8 @@ the anchors, the paper's rules for attention FPN and heads, and the initial clas
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,26 @@ def test_spec_errors():
         DetectorSpec(anchors=AnchorSpec(min_level=2))
     with pytest.raises(ValueError, match="p6_from"):
         RetinaNet(DetectorSpec(backbone=TINY, p6_from="p4"), rngs=nnx.Rngs(0))
+
+
+def test_fpn_norm_normalises_every_pyramid_level_and_every_sasa_input():
+    """With fpn_norm each lateral and each of P3-P7 has a batch norm of its own (8 per FPN),
+    so in training every level comes out at zero mean and unit variance per channel however
+    large the backbone's features are."""
+    spec = DetectorSpec(backbone=TINY, heads="attention", num_classes=3, width=32, fpn_norm=True)
+    model = RetinaNet(spec, rngs=nnx.Rngs(0))
+    plain = RetinaNet(dataclasses.replace(spec, fpn_norm=False), rngs=nnx.Rngs(0))
+    assert _params(model) - _params(plain) == 8 * 2 * 32
+    key = jax.random.split(jax.random.key(1), 3)
+    widths = [m.in_features for m in model.fpn.laterals]
+    features = {
+        f"c{i + 3}": 50.0 * jax.random.normal(key[i], (2, 16 >> i, 16 >> i, widths[i]))
+        for i in range(3)
+    }
+    pyramid = model.fpn(features)
+    for level in range(3, 8):
+        p = np.asarray(pyramid[f"p{level}"]).reshape(-1, 32)
+        np.testing.assert_allclose(p.mean(0), 0.0, atol=1e-3)
+        np.testing.assert_allclose(p.std(0), 1.0, atol=2e-2 if level < 6 else 0.2)
+    raw = plain.fpn(features)
+    assert np.asarray(raw["p3"]).std() > 5.0  # without the norms the scale passes through

@@ -5,6 +5,11 @@ layer each; P6: a stride-2 spatial layer on P5 (``p6_from="p5"``) or on C5 (``"c
 original paper's choice); P7: ReLU then a stride-2 spatial layer on P6. The spatial layer is a
 3x3 convolution for conv FPNs and a SASA layer for attention FPNs (the paper's rule: every 3x3
 convolution becomes attention).
+
+With ``norm``, a batch norm of its own follows every layer (the laterals, P3-P5, P6, P7): the
+input of every SASA layer in the FPN and of the heads' first layer is then normalised. Without
+it the lateral sums grow with training and an attention layer's q.k logits with the square of
+its input's scale, until each softmax is one-hot and passes no gradient (docs/detection.md).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class FPN(nnx.Module):
       spatial: the spatial-layer factory (see the module docstring).
       width: the pyramid's channels (256 in RetinaNet).
       p6_from: ``"p5"`` or ``"c5"``.
+      norm: ``norm(features, rngs=...)`` makes the batch norm after each layer, or None.
     """
 
     def __init__(
@@ -46,6 +52,7 @@ class FPN(nnx.Module):
         spatial: SpatialFactory,
         width: int = 256,
         p6_from: str = "p5",
+        norm: Callable[..., nnx.Module] | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -63,15 +70,23 @@ class FPN(nnx.Module):
         p6_in = width if p6_from == "p5" else in_features[2]
         self.p6 = spatial(p6_in, width, strides=2, rngs=rngs)
         self.p7 = spatial(width, width, strides=2, rngs=rngs)
+        self.norms = (  # laterals c3-c5, then P3-P7
+            nnx.List([norm(width, rngs=rngs) for _ in range(8)]) if norm is not None else None
+        )
+
+    def _norm(self, index: int, x: Array) -> Array:
+        return x if self.norms is None else self.norms[index](x)
 
     def __call__(self, features: dict[str, Array]) -> dict[str, Array]:
         c = [features[name] for name in ("c3", "c4", "c5")]
-        lateral = [conv(x) for conv, x in zip(self.laterals, c, strict=True)]
+        lateral = [
+            self._norm(i, conv(x)) for i, (conv, x) in enumerate(zip(self.laterals, c, strict=True))
+        ]
         merged = [lateral[2]]
         for x in (lateral[1], lateral[0]):
             merged.insert(0, x + _upsample_to(merged[0], x.shape))
         pairs = zip(self.outputs, merged, strict=True)
-        out = {f"p{i + 3}": layer(m) for i, (layer, m) in enumerate(pairs)}
-        out["p6"] = self.p6(out["p5"] if self.p6_from == "p5" else c[2])
-        out["p7"] = self.p7(jax.nn.relu(out["p6"]))
+        out = {f"p{i + 3}": self._norm(3 + i, layer(m)) for i, (layer, m) in enumerate(pairs)}
+        out["p6"] = self._norm(6, self.p6(out["p5"] if self.p6_from == "p5" else c[2]))
+        out["p7"] = self._norm(7, self.p7(jax.nn.relu(out["p6"])))
         return out

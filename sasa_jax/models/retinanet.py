@@ -33,6 +33,7 @@ class DetectorSpec:
     head_depth: int = 4
     p6_from: str = "p5"
     head_norm: bool = False  # batch norm after each head layer, per level (TPU RetinaNet)
+    fpn_norm: bool = False  # batch norm after each FPN layer (our choice; models/fpn.py)
     attention_projection: bool = False  # W_O after each FPN/head SASA layer (projection.py)
     anchors: AnchorSpec = AnchorSpec()
 
@@ -83,11 +84,15 @@ class RetinaNet(nnx.Module):
         self.backbone = build_model(backbone, rngs=rngs, batch_norm=batch_norm, **dtypes)
         widths = [stage[-1].conv3.out_features for stage in self.backbone.stages]
         spatial = _spatial(spec, dtypes)
+        norm = Norm(
+            spec.backbone.bn_momentum, spec.backbone.bn_epsilon, dtype, param_dtype, batch_norm
+        )
         self.fpn = FPN(
             tuple(widths[1:]),
             spatial=spatial,
             width=spec.width,
             p6_from=spec.p6_from,
+            norm=norm if spec.fpn_norm else None,
             rngs=rngs,
             **dtypes,
         )
@@ -98,15 +103,7 @@ class RetinaNet(nnx.Module):
             spatial=spatial,
             pointwise_output=spec.heads == "attention",
             depth=spec.head_depth,
-            norm=Norm(
-                spec.backbone.bn_momentum,
-                spec.backbone.bn_epsilon,
-                dtype,
-                param_dtype,
-                batch_norm,
-            )
-            if spec.head_norm
-            else None,
+            norm=norm if spec.head_norm else None,
             rngs=rngs,
             **dtypes,
         )
