@@ -118,9 +118,13 @@ def test_fpn_norm_normalises_every_pyramid_level_and_every_sasa_input():
     """With fpn_norm each lateral and each of P3-P7 has a batch norm of its own (8 per FPN),
     so in training every level comes out at zero mean and unit variance per channel however
     large the backbone's features are."""
-    spec = DetectorSpec(backbone=TINY, heads="attention", num_classes=3, width=32, fpn_norm=True)
-    model = RetinaNet(spec, rngs=nnx.Rngs(0))
-    plain = RetinaNet(dataclasses.replace(spec, fpn_norm=False), rngs=nnx.Rngs(0))
+    spec = DetectorSpec(backbone=TINY, heads="attention", num_classes=3, width=32)
+    model = RetinaNet(spec, rngs=nnx.Rngs(0))  # fpn_norm="attention": on for attention FPNs
+    plain = RetinaNet(dataclasses.replace(spec, fpn_norm="none"), rngs=nnx.Rngs(0))
+    conv = DetectorSpec(backbone=TINY, num_classes=3, width=32)
+    assert not conv.normalised_fpn() and dataclasses.replace(conv, fpn_norm="all").normalised_fpn()
+    with pytest.raises(ValueError, match="fpn_norm"):
+        DetectorSpec(fpn_norm="yes")
     assert _params(model) - _params(plain) == 8 * 2 * 32
     key = jax.random.split(jax.random.key(1), 3)
     widths = [m.in_features for m in model.fpn.laterals]

@@ -132,7 +132,7 @@ def test_summary_command_json_builds_no_kernel(tmp_path):
 def test_conv_retinanet_flops_and_table_2_rows():
     """The conv RetinaNet-50 at 640 against a hand count over the pyramid, and the paper's
     Table 2 rows (params within 0.5M, FLOPs within 8%)."""
-    config = config_lib.from_file(ROOT / "configs/coco.py", "head_norm=False,fpn_norm=False")
+    config = config_lib.from_file(ROOT / "configs/coco.py", "head_norm=False")
     result = summarize_config(config)
     imagenet = _imagenet_config("depth=50")
     imagenet.image_size = 640

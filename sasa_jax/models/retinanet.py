@@ -18,6 +18,7 @@ from sasa_jax.models.spec import ModelSpec, build_model, spec_attention
 from sasa_jax.nn import Norm
 
 Array = jax.Array
+FPN_NORMS = ("attention", "all", "none")
 HEAD_KINDS = ("conv", "attention")
 
 
@@ -33,15 +34,23 @@ class DetectorSpec:
     head_depth: int = 4
     p6_from: str = "p5"
     head_norm: bool = False  # batch norm after each head layer, per level (TPU RetinaNet)
-    fpn_norm: bool = False  # batch norm after each FPN layer (our choice; models/fpn.py)
+    fpn_norm: str = "attention"  # batch norms in the FPN: "attention" (FPNs), "all", "none"
     attention_projection: bool = False  # W_O after each FPN/head SASA layer (projection.py)
     anchors: AnchorSpec = AnchorSpec()
+
+    def normalised_fpn(self) -> bool:
+        """Whether a batch norm follows each FPN layer: always for an attention FPN by default
+        (a SASA layer's logits grow with the square of its input's scale; a convolution is
+        linear in it, and the standard conv FPN has no norms)."""
+        return self.fpn_norm == "all" or (self.fpn_norm == "attention" and self.heads != "conv")
 
     def __post_init__(self):
         if self.heads not in HEAD_KINDS:
             raise ValueError(f"heads must be one of {HEAD_KINDS}, got {self.heads!r}")
         if self.num_classes < 1 or self.width < 1:
             raise ValueError("a detector needs at least one class and a positive FPN width")
+        if self.fpn_norm not in FPN_NORMS:
+            raise ValueError(f"fpn_norm must be one of {FPN_NORMS}, got {self.fpn_norm!r}")
         if self.attention_projection and self.heads != "attention":
             raise ValueError(
                 "attention_projection adds W_O to attention FPNs and heads: it needs "
@@ -92,7 +101,7 @@ class RetinaNet(nnx.Module):
             spatial=spatial,
             width=spec.width,
             p6_from=spec.p6_from,
-            norm=norm if spec.fpn_norm else None,
+            norm=norm if spec.normalised_fpn() else None,
             rngs=rngs,
             **dtypes,
         )

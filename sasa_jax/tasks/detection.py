@@ -38,7 +38,7 @@ def detector_spec(config, num_classes: int) -> DetectorSpec:
         head_depth=det.head_depth,
         p6_from=det.p6_from,
         head_norm=det.head_norm,
-        fpn_norm=det.get("fpn_norm", False),
+        fpn_norm=det.get("fpn_norm", "attention"),
         attention_projection=det.get("attention_projection", False),
         anchors=AnchorSpec(size=det.anchor_size),
     )

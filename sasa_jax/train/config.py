@@ -88,7 +88,8 @@ def detection_config() -> ml_collections.ConfigDict:
             "head_depth": 4,
             "p6_from": "p5",  # "p5" or "c5"
             "head_norm": True,  # batch norm after each head layer, per level
-            "fpn_norm": True,  # batch norm after each FPN layer (laterals, P3-P7)
+            "fpn_norm": "attention",  # batch norms after the FPN's layers: attention FPNs only
+            # ("all", "none"); models/fpn.py says why
             "attention_projection": False,  # W_O after each FPN/head SASA layer (a convention)
             "anchor_size": 4.0,  # base anchor side = anchor_size * stride (32 px at P3)
             "force_match": False,  # also make each box's best anchor positive, at any IoU
