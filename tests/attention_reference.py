@@ -249,3 +249,21 @@ def reference_block_attention_np(q, k, v, rel_row, rel_col, block, *, c_out, c_w
         c_w=c_w,
     )
     return untile(out), weights, (untile(dq), untile(dk), untile(dv), d_row, d_col)
+
+
+def random_inputs(seed, image, window, border, rel, batch=2, heads=2, dim=4, dim_v=3):
+    """q, k (None for "qr"), v and the tables ({} for "norel"), float32 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    h, w = image
+    kh, kw = (window, window) if isinstance(window, int) else window
+    q, k = normal(batch, h, w, heads, dim), normal(batch, h, w, heads, dim)
+    v = normal(batch, h, w, heads, dim_v)
+    tables = {}
+    if rel != "norel":
+        lr, lc = (2 * kh - 1, 2 * kw - 1) if border == "clamp" else (kh, kw)
+        tables = {"rel_row": normal(lr, dim // 2), "rel_col": normal(lc, dim // 2)}
+    return q, None if rel == "qr" else k, v, tables
