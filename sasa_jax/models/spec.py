@@ -62,7 +62,7 @@ class ModelSpec:
     zero_init_residual: bool = True
     stem_block: int = 4
     stem_mixtures: int = 4  # M of the spatially-aware values (not stated in the paper)
-    stem_zero_query: bool = False  # the stem's W_Q starts at zero: uniform block weights
+    stem_zero_query: bool = True  # the stem's W_Q starts at zero: block-uniform weights at init
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> ModelSpec:
