@@ -83,6 +83,7 @@ def run_row(name: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
         "seed": seed,
         "metric": metric,
         "value": final[metric],
+        "eval": {k: v for k, v in final.items() if k.startswith("eval_")},  # AP50, top-5, ...
         "step": final["step"],
         "wall_s": round(wall, 1),
         "command": " ".join(command[1:]),
