@@ -127,10 +127,12 @@ def _norm(tree) -> float:
 def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
     """``|grad| / |weights|`` of ``task.loss`` on ``batch`` (train mode), per top-level part
     of ``model`` (``stem``, ``stages/0``, ..., ``fpn``, ``class_head``) and per attention
-    layer (its path)."""
+    layer (its path). ``model``'s batch statistics are left as they were."""
+    statistics = nnx.clone(nnx.state(model, nnx.BatchStat))  # the train-mode pass moves them
     model.train()
     images = task.inputs(batch)
     grads = nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
+    nnx.update(model, statistics)
     params = nnx.state(model, nnx.Param)
     flat_g = dict(nnx.to_flat_state(grads))
     flat_w = dict(nnx.to_flat_state(params))

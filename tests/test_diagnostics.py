@@ -1,0 +1,81 @@
+"""sasa_jax.analysis.diagnostics and python -m sasa_jax.diagnose, on the real models."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import chex
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasa_jax import diagnose
+from sasa_jax.analysis import diagnostics
+from sasa_jax.models import ModelSpec, build_model
+from sasa_jax.tasks import make_task
+from sasa_jax.train import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SPEC = ModelSpec(depth=26, variant="full_attention", width_multiplier=0.25, window=3)
+
+
+def _model(**overrides):
+    model = build_model(ModelSpec(**{**SPEC.__dict__, **overrides}), rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+def _images():
+    return jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+
+def test_zero_query_stem_is_uniform_and_a_random_one_is_not():
+    """With W_Q = 0 every stem query weighs its 4x4 block uniformly: entropy 1 and top weight
+    1/16 by hand; a random W_Q does not. The stem's input is the images themselves."""
+    images = _images()
+    stem = diagnostics.attention_stats(_model(), images)["stem/attention"]
+    assert stem["entropy"] == pytest.approx(1.0, abs=1e-6)
+    assert stem["top"] == pytest.approx(1 / 16, abs=1e-6)
+    assert stem["qk_std"] == 0.0
+    assert stem["in_rms"] == pytest.approx(float(np.sqrt(np.mean(np.square(images)))), 1e-5)
+    random = diagnostics.attention_stats(_model(stem_zero_query=False), images)
+    assert random["stem/attention"]["entropy"] < 0.95
+    layers = {path for path, _ in diagnostics.attention_layers(_model())}
+    assert set(random) == layers and "stages/0/0/spatial" in layers
+    for row in random.values():
+        assert 0.0 < row["entropy"] <= 1.0 and 0.0 < row["top"] <= 1.0
+
+
+def test_gradient_ratios_leave_the_batch_statistics_alone():
+    config = config_lib.from_file(ROOT / "configs/digits.py", "variant=full_attention")
+    task = make_task(config, 10)
+    model = task.create_model(0)
+    before = nnx.clone(nnx.state(model, nnx.BatchStat))
+    batch = {
+        "image": np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), np.uint8),
+        "label": np.arange(4, dtype=np.int32),
+    }
+    ratios = diagnostics.gradient_ratios(task, model, batch)
+    chex.assert_trees_all_equal(nnx.state(model, nnx.BatchStat), before)
+    assert ratios["head"] > 0 and ratios["stem"] > 0 and ratios["stages/0/0/spatial"] >= 0
+
+
+@pytest.mark.slow
+def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
+    from sasa_jax.train import loop
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    config = config_lib.from_file(ROOT / "configs/digits.py", "variant=full_attention")
+    config.num_train_steps = 2
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    rows = diagnose.diagnose(str(tmp_path / "run"), init=True, images=8)
+    steps = {row["step"] for row in rows}
+    assert steps == {0, 2}
+    stem = [r for r in rows if r.get("layer") == "stem/attention"]
+    assert [r["entropy"] for r in stem if r["step"] == 0] == [pytest.approx(1.0, abs=1e-6)]
+    assert all(r["grad_ratio"] > 0 for r in rows if r.get("part") == "head")
+    json.dumps(rows)  # what --json prints
