@@ -114,7 +114,7 @@ def test_spec_errors():
         RetinaNet(DetectorSpec(backbone=TINY, p6_from="p4"), rngs=nnx.Rngs(0))
 
 
-def test_fpn_norm_normalises_every_pyramid_level_and_every_sasa_input():
+def test_fpn_norm_normalises_every_pyramid_level():
     """With fpn_norm each lateral and each of P3-P7 has a batch norm of its own (8 per FPN),
     so in training every level comes out at zero mean and unit variance per channel however
     large the backbone's features are."""
