@@ -1,26 +1,8 @@
-r"""Parameters and FLOPs of a config's model: ``python -m sasa_jax.summary --config=...``
-(the counting is ``sasa_jax.analysis.flops``).
+"""Parameters and FLOPs of a config's model: ``python -m sasa_jax.summary --config=...``.
 
-FLOPs are for one image at the config's size, 2 FLOPs per multiply-add (the paper's rule), in
-two conventions that differ only in attention layers:
-
-* ``flops`` -- the paper's convention, eq. 3 and eq. 8 as written, which reproduces its tables:
-  * Counted: every convolution and dense layer (2 * output pixels * kernel taps * in * out); in
-    attention layers the Q/K/V projections, the q.k logits (k*k taps per query), the relative
-    logits as a full-width dot product q.r_{a-i,b-j} per window tap (k*k*dim per query and
-    head, like q.k), and the weighted sum of the values (k*k taps per query).
-  * The attention stem: 4x4 windows at full resolution (224x224); spatially-aware values as M
-    separate value projections plus their p-weighted mix (M*out per pixel); the spatial-conv
-    values as their 4x4 convolution.
-* ``flops_computed`` -- what this code executes: the relative term is factorised, so per query
-  and head it costs (len(rel_row) + len(rel_col)) * dim/2 multiply-adds ((kh + kw) * dim/2 for
-  borders mask/zeros, (2kh-1 + 2kw-1) * dim/2 for clamp) instead of kh*kw*dim; and the stem
-  mixes the M value matrices first (2*16*M*in*out FLOPs), so its values cost one projection.
-
-Both conventions:
-  * count window taps outside the image like the others (the compiled op runs them);
-  * count a strided attention layer at its input resolution (it attends, then average-pools);
-  * do not count batch norm, activations, softmax, pooling, residual additions.
+Prints params and GFLOPs per part for one image at the config's size, in the paper's
+convention and as this code computes them; ``sasa_jax.analysis.flops`` defines both
+conventions and what each counts.
 """
 
 from __future__ import annotations
