@@ -103,6 +103,15 @@ def _tables(ins, spec: TpuSpec):
     return ins["rr"][...].astype(jnp.float32), ins["rc"][...].astype(jnp.float32)
 
 
+def _head(ins, h, rsel, csel, trow, tcol, spec: TpuSpec):
+    """Head ``h``'s q ``[C, TQ]``, k ``[C, M]`` (None without keys), v ``[E, M]`` and its
+    logits ``[M, TQ]`` (float32)."""
+    q = ins["q"][0, 0, h]
+    k = ins["k"][0, 0, h] if spec.has_key else None
+    v = ins["v"][0, 0, h]
+    return q, k, v, _logits(q, k, rsel, csel, trow, tcol, spec)
+
+
 FORWARD_INPUTS = ("q", "k", "v", "rsel", "csel", "rr", "rc")
 
 
@@ -116,10 +125,7 @@ def forward_kernel(*refs, spec: TpuSpec):
     trow, tcol = _tables(ins, spec)
 
     def head(h, carry):
-        q = ins["q"][0, 0, h]
-        k = ins["k"][0, 0, h] if spec.has_key else None
-        v = ins["v"][0, 0, h]
-        s = _logits(q, k, rsel, csel, trow, tcol, spec)
+        q, k, v, s = _head(ins, h, rsel, csel, trow, tcol, spec)
         m = jnp.max(s, axis=0, keepdims=True)
         p = jnp.exp(s - m)
         total = jnp.sum(p, axis=0, keepdims=True)
@@ -156,11 +162,8 @@ def backward_kernel(*refs, spec: TpuSpec):
     trow, tcol = _tables(ins, spec)
 
     def head(h, d_tables):
-        q = ins["q"][0, 0, h]
-        k = ins["k"][0, 0, h] if spec.has_key else None
-        v = ins["v"][0, 0, h]
+        q, k, v, s = _head(ins, h, rsel, csel, trow, tcol, spec)
         d_out = ins["do"][0, 0, h]
-        s = _logits(q, k, rsel, csel, trow, tcol, spec)
         p = jnp.exp(s - ins["lse"][0, 0, pl.ds(h, 1), :])
         dp = _dot(v, d_out, ATB, spec)  # [M, TQ]
         ds = p * (dp - ins["delta"][0, 0, pl.ds(h, 1), :])
