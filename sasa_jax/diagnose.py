@@ -23,8 +23,7 @@ from flax import nnx
 from sasa_jax import data, tasks
 from sasa_jax.analysis import diagnostics
 from sasa_jax.train import workdir as run_record
-from sasa_jax.train.checkpoints import Checkpointer
-from sasa_jax.train.steps import create_optimizer, create_train_state
+from sasa_jax.train.loop import restored_states
 
 COLUMNS = ("in_rms", "out_rms", "entropy", "top", "qk_std", "qr_std", "rel_rms", "grad_ratio")
 
@@ -38,32 +37,15 @@ def _batch(task, config, count: int) -> dict:
     return jax.tree.map(lambda *xs: np.stack(xs), *examples)
 
 
-def _models(config, task, workdir: str, steps: list[int] | None, init: bool):
-    """``(step, model)`` for the initial model (``init``) and each checkpoint asked for."""
-    model = task.create_model(config.seed)
-    tx = create_optimizer(config)
-    graphdef, _, state = create_train_state(model, tx, config)
-    if init:
-        yield 0, nnx.merge(graphdef, state.params, state.batch_stats)
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    try:
-        kept = sorted(checkpointer.all_steps())
-        for step in steps or kept:
-            if step not in kept:
-                raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {kept}")
-            restored = checkpointer.restore_state(step, state)
-            yield step, nnx.merge(graphdef, restored.params, restored.batch_stats)
-    finally:
-        checkpointer.close()
-
-
 def diagnose(workdir: str, steps=None, init=False, images=32) -> list[dict]:
     """One row per (checkpoint, attention layer) and per (checkpoint, model part)."""
     config = run_record.load_config(workdir)
     task = tasks.make_task(config, config.model.num_classes)
     batch = _batch(task, config, images)
     rows = []
-    for step, model in _models(config, task, workdir, steps, init):
+    states = restored_states(config, workdir, steps or "all", init)
+    for step, graphdef, _, state in states:
+        model = nnx.merge(graphdef, state.params, state.batch_stats)
         ratios = diagnostics.gradient_ratios(task, model, batch)
         model.eval()
         stats = diagnostics.attention_stats(model, task.inputs(batch))

@@ -367,6 +367,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {"step": int(_host(state.step)), "stopped": stop, **last}
 
 
+def restored_states(config, workdir: str, steps="all", init: bool = False):
+    """``(step, graphdef, eval_graphdef, state)`` of a run made by ``train.py``: its initial
+    train state when ``init`` (step 0), then each checkpoint in ``steps`` (a list of steps,
+    ``"all"`` kept ones or the ``"latest"``).
+
+    Raises FileNotFoundError for ``"latest"`` when there is no checkpoint yet, and ValueError
+    for a listed step that is not kept.
+    """
+    model = tasks.make_task(config, config.model.num_classes).create_model(config.seed)
+    graphdef, eval_graph, state = create_train_state(model, create_optimizer(config), config)
+    if init:
+        yield 0, graphdef, eval_graph, state
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        kept = sorted(checkpointer.all_steps())
+        if steps == "latest" and not kept:
+            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
+        chosen = {"all": kept, "latest": kept[-1:]}.get(steps, steps)
+        for step in chosen:
+            if step not in kept:
+                raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {kept}")
+            yield step, graphdef, eval_graph, checkpointer.restore_state(step, state)
+    finally:
+        checkpointer.close()
+
+
 def load_run(workdir: str):
     """``(config, model in eval mode with the latest checkpoint's weights, step)`` of a run
     made by ``train.py``; the EMA weights when the run kept them, as eval does.
@@ -374,17 +400,7 @@ def load_run(workdir: str):
     Raises FileNotFoundError if ``workdir`` holds no run or no checkpoint yet.
     """
     config = run_record.load_config(workdir)
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        model = tasks.make_task(config, config.model.num_classes).create_model(config.seed)
-        tx = create_optimizer(config)
-        graphdef, eval_graph, state = create_train_state(model, tx, config)
-        state = checkpointer.restore_state(step, state)
-    finally:
-        checkpointer.close()
+    ((step, _, eval_graph, state),) = restored_states(config, workdir, "latest")
     return config, nnx.merge(eval_graph, state.eval_params(), state.batch_stats), step
 
 
