@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_jax.models import STAGE_SIZES, AttentionStem, ConvStem, ModelSpec, build_model
+from sasa_jax.analysis.flops import module_flops
+from sasa_jax.models import (
+    STAGE_SIZES,
+    AttentionStem,
+    ConvStem,
+    ModelSpec,
+    PatchStem,
+    build_model,
+)
 from sasa_jax.nn import Conv1x1
 from sasa_jax.nn.attention import SelfAttention2D
 
@@ -109,6 +117,28 @@ def test_full_attention_swaps_only_the_stem():
     assert _params(conv_stem) - conv_stem_params == _params(full) - _params(full.stem)
 
 
+def test_patch_stem_is_a_conv_on_each_tile():
+    """model.stem="patch": each output is ReLU(BN(W . tile)) of its own block x block tile,
+    checked against the tiles cut out by a reshape."""
+    stem = PatchStem(2, 8, block=4, rngs=nnx.Rngs(1))
+    stem.eval()  # at init the norm's eval mode divides by sqrt(1 + eps)
+    x = jax.random.normal(jax.random.key(2), (2, 12, 16, 2))
+    tiles = x.reshape(2, 3, 4, 4, 4, 2).transpose(0, 1, 3, 2, 4, 5)  # [b, i, j, a, b, c]
+    reference = jnp.einsum("bijklc,klco->bijo", tiles, stem.conv.kernel[...])
+    reference = jax.nn.relu(reference / jnp.sqrt(1.0 + stem.norm.epsilon))
+    chex.assert_trees_all_close(stem(x), reference, rtol=1e-5, atol=1e-5)
+    assert module_flops(stem, 12, 16) == (2 * 3 * 4 * 16 * 2 * 8, 3, 4)
+    with pytest.raises(ValueError, match="divisible by block=4"):
+        stem(x[:, :10])
+
+
+def test_patch_stem_spec_swaps_only_the_stem():
+    full = _abstract(depth=26, variant="full_attention")
+    patch = _abstract(depth=26, variant="full_attention", stem="patch")
+    assert isinstance(patch.stem, PatchStem) and patch.stem.block == 4
+    assert _params(patch) - (4 * 4 * 3 * 64 + 2 * 64) == _params(full) - _params(full.stem)
+
+
 def test_per_stage_choice_and_pass_through():
     model = _abstract(
         depth=26,
@@ -169,7 +199,7 @@ def test_bfloat16_compute_dtype():
         (dict(depth=42), "depth"),
         (dict(variant="resnet"), "variant"),
         (dict(attention_stages="15"), "attention_stages"),
-        (dict(stem="patchify"), "stem"),
+        (dict(stem="patchify"), "model.stem must be one of"),
         (dict(stem_values="conv"), "stem_values"),
         (dict(variant="full_attention", width_multiplier=0.125), "heads of even size"),
         (dict(width_multiplier=0.3), "width_multiplier"),

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from sasa_jax.models import AttentionStem, Bottleneck, ConvStem, ResNet
+from sasa_jax.models import AttentionStem, Bottleneck, ConvStem, PatchStem, ResNet
 from sasa_jax.nn import SelfAttention2D, StemAttention
 
 Counter = Callable[..., tuple[int, int, int]]
@@ -142,6 +142,7 @@ _COUNTERS: list[tuple[type, Counter]] = [
     (StemAttention, stem_attention_flops),
     (AttentionStem, _attention_stem_flops),
     (ConvStem, _conv_stem_flops),
+    (PatchStem, lambda stem, h, w, convention: conv_flops(stem.conv, h, w)),
     (Bottleneck, _bottleneck_flops),
 ]
 

@@ -8,6 +8,7 @@ from sasa_jax.models.resnet import (
     AttentionStem,
     Bottleneck,
     ConvStem,
+    PatchStem,
     ResNet,
     attention,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "ConvStem",
     "DetectorSpec",
     "ModelSpec",
+    "PatchStem",
     "ResNet",
     "RetinaNet",
     "attention",

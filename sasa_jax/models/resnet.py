@@ -58,6 +58,46 @@ class ConvStem(nnx.Module):
         return nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+class PatchStem(nnx.Module):
+    """A block x block stride-block conv (no bias), BN, ReLU: ``[b,224,224,3] -> [b,56,56,w]``
+    at block 4. Not in the paper: the conv counterpart of ``AttentionStem``'s geometry (each
+    output sees one non-overlapping block x block tile of pixels), a control for how much of
+    the attention stem's gap to the conv stem is its geometry rather than its attention."""
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 64,
+        *,
+        block: int = 4,
+        norm: Norm = Norm(),
+        rngs: nnx.Rngs,
+    ):
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.conv = nnx.Conv(
+            in_features,
+            out_features,
+            (block, block),
+            strides=block,
+            padding="VALID",
+            use_bias=False,
+            dtype=norm.dtype,
+            param_dtype=norm.param_dtype,
+            rngs=rngs,
+        )
+        self.norm = norm(out_features, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        if x.shape[1] % self.block or x.shape[2] % self.block:
+            raise ValueError(
+                f"the patch stem needs height and width divisible by block={self.block}, "
+                f"got {tuple(x.shape[1:3])}"
+            )
+        return nnx.relu(self.norm(self.conv(x)))
+
+
 class AttentionStem(nnx.Module):
     """The attention stem: ``StemAttention`` (attention in each block x block tile with
     spatially-aware values), batch norm, ReLU and a block x block max pool:
@@ -219,6 +259,7 @@ __all__ = [
     "AttentionStem",
     "Bottleneck",
     "ConvStem",
+    "PatchStem",
     "ResNet",
     "SpatialFactory",
     "attention",

@@ -15,6 +15,7 @@ from sasa_jax.models.resnet import (
     STAGE_WIDTHS,
     AttentionStem,
     ConvStem,
+    PatchStem,
     ResNet,
     SpatialFactory,
     _scaled,
@@ -38,6 +39,9 @@ VARIANTS = {
     "full_attention": ("attention", (1, 2, 3, 4)),
 }
 
+# "patch": a block x block stride-block conv (models.PatchStem), not a paper variant
+STEMS = ("conv", "attention", "patch")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -46,7 +50,7 @@ class ModelSpec:
 
     depth: int = 50
     variant: str = "baseline"
-    stem: str = ""  # "", "conv" or "attention" ("" = as the variant says)
+    stem: str = ""  # "", "conv", "attention" or "patch" ("" = as the variant says)
     attention_stages: str = "variant"  # e.g. "234", "none", or "variant"
     stem_values: str = "spatially_aware"
     window: int = 7
@@ -86,8 +90,8 @@ class ModelSpec:
             raise ValueError(
                 f"model.stem_values must be one of {STEM_VALUES}, got {self.stem_values!r}"
             )
-        if self.resolved_stem() not in ("conv", "attention"):
-            raise ValueError(f"model.stem must be 'conv' or 'attention', got {self.stem!r}")
+        if self.resolved_stem() not in STEMS:
+            raise ValueError(f"model.stem must be one of {STEMS}, got {self.stem!r}")
         for stage in self.resolved_attention_stages():
             width = _scaled(STAGE_WIDTHS[stage - 1], self.width_multiplier)
             if width % self.num_heads or (width // self.num_heads) % 2:
@@ -98,7 +102,7 @@ class ModelSpec:
         _scaled(64, self.width_multiplier)
 
     def resolved_stem(self) -> str:
-        """ "conv" or "attention": the stem this spec builds."""
+        """ "conv", "attention" or "patch": the stem this spec builds."""
         return self.stem or VARIANTS[self.variant][0]
 
     def resolved_attention_stages(self) -> tuple[int, ...]:
@@ -155,6 +159,8 @@ def build_model(
             implementation=spec.implementation,
             **dtypes,
         )
+    elif spec.resolved_stem() == "patch":
+        stem = functools.partial(PatchStem, norm=norm, block=spec.stem_block)
     else:
         stem = functools.partial(ConvStem, norm=norm)
     return ResNet(
