@@ -79,3 +79,6 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     assert [r["entropy"] for r in stem if r["step"] == 0] == [pytest.approx(1.0, abs=1e-6)]
     assert all(r["grad_ratio"] > 0 for r in rows if r.get("part") == "head")
     json.dumps(rows)  # what --json prints
+    assert {row["step"] for row in diagnose.diagnose(str(tmp_path / "run"), [2], images=8)} == {2}
+    with pytest.raises(ValueError, match="no checkpoint at step 3"):
+        diagnose.diagnose(str(tmp_path / "run"), [3], images=8)

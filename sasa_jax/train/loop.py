@@ -384,7 +384,7 @@ def restored_states(config, workdir: str, steps="all", init: bool = False):
         kept = sorted(checkpointer.all_steps())
         if steps == "latest" and not kept:
             raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        chosen = {"all": kept, "latest": kept[-1:]}.get(steps, steps)
+        chosen = kept if steps == "all" else kept[-1:] if steps == "latest" else list(steps)
         for step in chosen:
             if step not in kept:
                 raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {kept}")
