@@ -103,6 +103,28 @@ def test_attention_projection_is_attention_then_a_pointwise_w_o():
             assert 0.008 < float(jnp.std(layer.attention.value.kernel[...])) < 0.012
 
 
+def test_fpn_and_heads_can_differ():
+    """fpn= overrides heads= for the FPN alone: an attention FPN (with its batch norms) and
+    conv heads (3x3 output), and the converse; the same layers as the all-attention and
+    all-conv detectors' corresponding parts."""
+    mixed = _abstract(backbone=TINY, heads="conv", fpn="attention", num_classes=3, width=32)
+    fpn = mixed.fpn
+    assert all(isinstance(m, SelfAttention2D) for m in [*fpn.outputs, fpn.p6, fpn.p7])
+    assert fpn.norms is not None  # fpn_norm="attention" follows the FPN's kind
+    assert all(isinstance(layer, nnx.Conv) for layer in mixed.class_head.layers)
+    assert mixed.class_head.output.kernel.shape[:2] == (3, 3)
+    converse = _abstract(backbone=TINY, heads="attention", fpn="conv", num_classes=3, width=32)
+    assert isinstance(converse.fpn.p6, nnx.Conv) and converse.fpn.norms is None
+    assert all(isinstance(layer, SelfAttention2D) for layer in converse.box_head.layers)
+    attention = _abstract(backbone=TINY, heads="attention", num_classes=3, width=32)
+    conv = _abstract(backbone=TINY, num_classes=3, width=32)
+    parts = lambda m: (_params(m.fpn), _params(m.class_head) + _params(m.box_head))  # noqa: E731
+    assert parts(mixed) == (parts(attention)[0], parts(conv)[1])
+    assert parts(converse) == (parts(conv)[0], parts(attention)[1])
+    with pytest.raises(ValueError, match="fpn must be"):
+        DetectorSpec(fpn="transformer")
+
+
 def test_spec_errors():
     with pytest.raises(ValueError, match="heads"):
         DetectorSpec(heads="transformer")

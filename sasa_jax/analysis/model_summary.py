@@ -22,6 +22,7 @@ def _summarize_detector_config(config) -> dict:
         "depth": backbone.depth,
         "variant": backbone.variant,
         "heads": spec.heads,
+        "fpn": spec.resolved_fpn(),
         "p6_from": spec.p6_from,
         "num_classes": spec.num_classes,
         "window": backbone.window,

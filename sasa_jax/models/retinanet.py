@@ -25,10 +25,13 @@ HEAD_KINDS = ("conv", "attention")
 @dataclasses.dataclass(frozen=True)
 class DetectorSpec:
     """A RetinaNet: the backbone's ``ModelSpec`` (its classifier is not used), whether the
-    FPN and heads are convolutions or SASA layers, and the pyramid's settings."""
+    FPN and heads are convolutions or SASA layers, and the pyramid's settings. ``heads`` sets
+    both FPN and heads (Table 2's rows); ``fpn`` overrides it for the FPN alone, to tell
+    which of the two an attention detector loses in (not a paper row)."""
 
     backbone: ModelSpec = ModelSpec()
     heads: str = "conv"
+    fpn: str = ""  # "" (as heads), "conv" or "attention"
     num_classes: int = 80
     width: int = 256
     head_depth: int = 4
@@ -42,19 +45,28 @@ class DetectorSpec:
         """Whether a batch norm follows each FPN layer: always for an attention FPN by default
         (a SASA layer's logits grow with the square of its input's scale; a convolution is
         linear in it, and the standard conv FPN has no norms)."""
-        return self.fpn_norm == "all" or (self.fpn_norm == "attention" and self.heads != "conv")
+        return self.fpn_norm == "all" or (
+            self.fpn_norm == "attention" and self.resolved_fpn() != "conv"
+        )
+
+    def resolved_fpn(self) -> str:
+        """ "conv" or "attention": the FPN's spatial layers."""
+        return self.fpn or self.heads
 
     def __post_init__(self):
         if self.heads not in HEAD_KINDS:
             raise ValueError(f"heads must be one of {HEAD_KINDS}, got {self.heads!r}")
+        if self.fpn not in ("", *HEAD_KINDS):
+            raise ValueError(f"fpn must be '' (as heads) or one of {HEAD_KINDS}, got {self.fpn!r}")
         if self.num_classes < 1 or self.width < 1:
             raise ValueError("a detector needs at least one class and a positive FPN width")
         if self.fpn_norm not in FPN_NORMS:
             raise ValueError(f"fpn_norm must be one of {FPN_NORMS}, got {self.fpn_norm!r}")
-        if self.attention_projection and self.heads != "attention":
+        if self.attention_projection and "attention" not in (self.heads, self.resolved_fpn()):
             raise ValueError(
                 "attention_projection adds W_O to attention FPNs and heads: it needs "
-                f"heads='attention', got heads={self.heads!r}"
+                f"heads='attention' or fpn='attention', got heads={self.heads!r}, "
+                f"fpn={self.fpn!r}"
             )
         if (self.anchors.min_level, self.anchors.max_level) != (3, 7):
             raise ValueError("the FPN makes levels P3-P7: AnchorSpec must use levels 3..7")
@@ -66,10 +78,10 @@ def _conv3x3_bias(in_features, out_features, *, strides, rngs, **dtypes):
     )
 
 
-def _spatial(spec: DetectorSpec, dtypes: dict[str, Any]):
-    """The FPN's and heads' spatial layer: a 3x3 convolution with bias, or the backbone
-    spec's SASA layer (then ``W_O`` with ``attention_projection``)."""
-    if spec.heads == "conv":
+def _spatial(spec: DetectorSpec, kind: str, dtypes: dict[str, Any]):
+    """The FPN's or heads' spatial layer (``kind``): a 3x3 convolution with bias, or the
+    backbone spec's SASA layer (then ``W_O`` with ``attention_projection``)."""
+    if kind == "conv":
         return functools.partial(_conv3x3_bias, **dtypes)
     attention = spec_attention(spec.backbone, **dtypes)
     return with_projection(attention, **dtypes) if spec.attention_projection else attention
@@ -92,13 +104,12 @@ class RetinaNet(nnx.Module):
         backbone = dataclasses.replace(spec.backbone, num_classes=0)  # no classifier
         self.backbone = build_model(backbone, rngs=rngs, batch_norm=batch_norm, **dtypes)
         widths = [stage[-1].conv3.out_features for stage in self.backbone.stages]
-        spatial = _spatial(spec, dtypes)
         norm = Norm(
             spec.backbone.bn_momentum, spec.backbone.bn_epsilon, dtype, param_dtype, batch_norm
         )
         self.fpn = FPN(
             tuple(widths[1:]),
-            spatial=spatial,
+            spatial=_spatial(spec, spec.resolved_fpn(), dtypes),
             width=spec.width,
             p6_from=spec.p6_from,
             norm=norm if spec.normalised_fpn() else None,
@@ -109,7 +120,7 @@ class RetinaNet(nnx.Module):
             Head,
             spec.width,
             spec.anchors.per_position,
-            spatial=spatial,
+            spatial=_spatial(spec, spec.heads, dtypes),
             pointwise_output=spec.heads == "attention",
             depth=spec.head_depth,
             norm=norm if spec.head_norm else None,

@@ -33,6 +33,7 @@ def detector_spec(config, num_classes: int) -> DetectorSpec:
     return DetectorSpec(
         backbone=ModelSpec.from_config(config.model, num_classes=0),
         heads=det.heads,
+        fpn=det.get("fpn", ""),
         num_classes=num_classes,
         width=det.fpn_width,
         head_depth=det.head_depth,

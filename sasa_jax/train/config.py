@@ -84,6 +84,7 @@ def detection_config() -> ml_collections.ConfigDict:
     config.detection = ml_collections.ConfigDict(
         {
             "heads": "conv",  # FPN and heads: "conv" or "attention"
+            "fpn": "",  # the FPN alone: "" (as heads), "conv" or "attention"
             "fpn_width": 256,
             "head_depth": 4,
             "p6_from": "p5",  # "p5" or "c5"
