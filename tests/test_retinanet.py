@@ -125,6 +125,36 @@ def test_fpn_and_heads_can_differ():
         DetectorSpec(fpn="transformer")
 
 
+def test_head_residual_adds_each_layers_input_back():
+    """head_residual="attention": each attention head layer computes relu(norm(layer(x)) + x)
+    (checked against the layers applied by hand); conv heads are left alone."""
+    spec = DetectorSpec(
+        backbone=TINY,
+        heads="attention",
+        num_classes=3,
+        width=16,
+        head_residual="attention",
+        head_norm=True,
+    )
+    model = RetinaNet(spec, rngs=nnx.Rngs(0))
+    model.eval()
+    head = model.class_head
+    assert head.residual
+    x = jax.random.normal(jax.random.key(3), (2, 6, 6, 16))
+    y = x
+    for layer, norm in zip(head.layers, head.norms[1], strict=True):
+        y = jax.nn.relu(norm(layer(y)) + y)
+    expected = head.output(y).reshape(2, -1, 3)
+    np.testing.assert_allclose(head(x, level=1), expected, rtol=1e-5, atol=1e-5)
+    plain = RetinaNet(dataclasses.replace(spec, head_residual="none"), rngs=nnx.Rngs(0))
+    plain.eval()
+    assert not np.allclose(plain.class_head(x, level=1), expected, atol=1e-3)
+    conv = _abstract(backbone=TINY, num_classes=3, width=16, head_residual="attention")
+    assert not conv.class_head.residual and not conv.box_head.residual
+    with pytest.raises(ValueError, match="head_residual"):
+        DetectorSpec(head_residual="yes")
+
+
 def test_spec_errors():
     with pytest.raises(ValueError, match="heads"):
         DetectorSpec(heads="transformer")

@@ -6,7 +6,9 @@ layer: a 3x3 convolution in conv heads, a pointwise (1x1) one in attention heads
 bias starts at ``-log((1 - prior) / prior)`` so every anchor begins at probability ``prior``
 (0.01). Attention heads draw their value projections from N(0, 0.01) (the paper's rule).
 
-With ``norm``, each spatial layer is followed by a batch norm of its own per pyramid level
+With ``residual``, each spatial layer adds its input back before the ReLU (``relu(norm(layer(x))
++ x)``; not in RetinaNet or the paper, no parameters). With ``norm``, each spatial layer is
+followed by a batch norm of its own per pyramid level
 (the layers are shared, the norms are not), as in the TPU RetinaNet whose recipe the paper
 trains with. Without it a stack of attention layers whose values start at N(0, 0.01) passes
 almost no signal at first, and the heads barely train from scratch.
@@ -50,6 +52,7 @@ class Head(nnx.Module):
         depth: int = 4,
         bias: float = 0.0,
         norm: Callable[..., nnx.Module] | None = None,
+        residual: bool = False,
         levels: int = 5,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -57,7 +60,7 @@ class Head(nnx.Module):
     ):
         if depth < 0 or anchors < 1 or outputs_per_anchor < 1:
             raise ValueError("a head needs depth >= 0, at least one anchor and one output")
-        self.outputs_per_anchor = outputs_per_anchor
+        self.outputs_per_anchor, self.residual = outputs_per_anchor, residual
         self.layers = nnx.List([spatial(width, width, strides=1, rngs=rngs) for _ in range(depth)])
         for layer in self.layers:
             sasa = sasa_part(layer)
@@ -80,7 +83,8 @@ class Head(nnx.Module):
         """``x``: the features of pyramid level ``level`` (0 for P3: it picks the norms)."""
         for i, layer in enumerate(self.layers):
             y = layer(x)
-            x = jax.nn.relu(y if self.norms is None else self.norms[level][i](y))
+            y = y if self.norms is None else self.norms[level][i](y)
+            x = jax.nn.relu(y + x if self.residual else y)
         y = self.output(x)
         return y.reshape(y.shape[0], -1, self.outputs_per_anchor)
 

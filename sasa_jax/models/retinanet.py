@@ -18,7 +18,7 @@ from sasa_jax.models.spec import ModelSpec, build_model, spec_attention
 from sasa_jax.nn import Norm
 
 Array = jax.Array
-FPN_NORMS = ("attention", "all", "none")
+FPN_NORMS = ("attention", "all", "none")  # also the choices of head_residual
 HEAD_KINDS = ("conv", "attention")
 
 
@@ -39,6 +39,7 @@ class DetectorSpec:
     head_norm: bool = False  # batch norm after each head layer, per level (TPU RetinaNet)
     fpn_norm: str = "attention"  # batch norms in the FPN: "attention" (FPNs), "all", "none"
     attention_projection: bool = False  # W_O after each FPN/head SASA layer (projection.py)
+    head_residual: str = "none"  # heads' layers add their input: "attention" heads, "all", "none"
     anchors: AnchorSpec = AnchorSpec()
 
     def normalised_fpn(self) -> bool:
@@ -47,6 +48,12 @@ class DetectorSpec:
         linear in it, and the standard conv FPN has no norms)."""
         return self.fpn_norm == "all" or (
             self.fpn_norm == "attention" and self.resolved_fpn() != "conv"
+        )
+
+    def residual_heads(self) -> bool:
+        """Whether each head layer adds its input back (``Head``'s ``residual``)."""
+        return self.head_residual == "all" or (
+            self.head_residual == "attention" and self.heads == "attention"
         )
 
     def resolved_fpn(self) -> str:
@@ -62,6 +69,10 @@ class DetectorSpec:
             raise ValueError("a detector needs at least one class and a positive FPN width")
         if self.fpn_norm not in FPN_NORMS:
             raise ValueError(f"fpn_norm must be one of {FPN_NORMS}, got {self.fpn_norm!r}")
+        if self.head_residual not in FPN_NORMS:
+            raise ValueError(
+                f"head_residual must be one of {FPN_NORMS}, got {self.head_residual!r}"
+            )
         if self.attention_projection and "attention" not in (self.heads, self.resolved_fpn()):
             raise ValueError(
                 "attention_projection adds W_O to attention FPNs and heads: it needs "
@@ -124,6 +135,7 @@ class RetinaNet(nnx.Module):
             pointwise_output=spec.heads == "attention",
             depth=spec.head_depth,
             norm=norm if spec.head_norm else None,
+            residual=spec.residual_heads(),
             rngs=rngs,
             **dtypes,
         )
