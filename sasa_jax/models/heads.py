@@ -6,12 +6,18 @@ layer: a 3x3 convolution in conv heads, a pointwise (1x1) one in attention heads
 bias starts at ``-log((1 - prior) / prior)`` so every anchor begins at probability ``prior``
 (0.01). Attention heads draw their value projections from N(0, 0.01) (the paper's rule).
 
-With ``residual``, each spatial layer adds its input back before the ReLU (``relu(norm(layer(x))
-+ x)``; not in RetinaNet or the paper, no parameters). With ``norm``, each spatial layer is
-followed by a batch norm of its own per pyramid level
+With ``norm``, each spatial layer is followed by a batch norm of its own per pyramid level
 (the layers are shared, the norms are not), as in the TPU RetinaNet whose recipe the paper
 trains with. Without it a stack of attention layers whose values start at N(0, 0.01) passes
 almost no signal at first, and the heads barely train from scratch.
+
+With ``residual``, each spatial layer adds its input back before the ReLU
+(``relu(norm(layer(x)) + x)``; not in RetinaNet or the paper, no parameters; on by default in
+attention heads, ``DetectorSpec.head_residual``). A SASA layer whose weights are still near
+uniform averages its window, so four stacked ones blur a 12x12 P3 map almost to its mean and
+the heads cannot tell one anchor position from the next until they have learned where to
+look; a convolution's centre tap keeps each position's own features. The residual keeps them
+(docs/attention_at_small_scale.md measures it).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class DetectorSpec:
     head_norm: bool = False  # batch norm after each head layer, per level (TPU RetinaNet)
     fpn_norm: str = "attention"  # batch norms in the FPN: "attention" (FPNs), "all", "none"
     attention_projection: bool = False  # W_O after each FPN/head SASA layer (projection.py)
-    head_residual: str = "none"  # heads' layers add their input: "attention" heads, "all", "none"
+    head_residual: str = "attention"  # head layers add their input: "attention", "all", "none"
     anchors: AnchorSpec = AnchorSpec()
 
     def normalised_fpn(self) -> bool:

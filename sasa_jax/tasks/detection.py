@@ -41,7 +41,7 @@ def detector_spec(config, num_classes: int) -> DetectorSpec:
         head_norm=det.head_norm,
         fpn_norm=det.get("fpn_norm", "attention"),
         attention_projection=det.get("attention_projection", False),
-        head_residual=det.get("head_residual", "none"),
+        head_residual=det.get("head_residual", "attention"),
         anchors=AnchorSpec(size=det.anchor_size),
     )
 

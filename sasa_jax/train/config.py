@@ -92,7 +92,7 @@ def detection_config() -> ml_collections.ConfigDict:
             "fpn_norm": "attention",  # batch norms after the FPN's layers: attention FPNs only
             # ("all", "none"); models/fpn.py says why
             "attention_projection": False,  # W_O after each FPN/head SASA layer (a convention)
-            "head_residual": "none",  # heads' layers add their input: "attention", "all"
+            "head_residual": "attention",  # attention heads' layers add their input ("all", "none")
             "anchor_size": 4.0,  # base anchor side = anchor_size * stride (32 px at P3)
             "force_match": False,  # also make each box's best anchor positive, at any IoU
             "max_boxes": 100,  # ground-truth boxes per image after padding
