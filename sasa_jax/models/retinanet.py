@@ -18,7 +18,8 @@ from sasa_jax.models.spec import ModelSpec, build_model, spec_attention
 from sasa_jax.nn import Norm
 
 Array = jax.Array
-FPN_NORMS = ("attention", "all", "none")  # also the choices of head_residual
+# fpn_norm and head_residual: the attention parts only, every part, or none
+WHERE = ("attention", "all", "none")
 HEAD_KINDS = ("conv", "attention")
 
 
@@ -67,12 +68,10 @@ class DetectorSpec:
             raise ValueError(f"fpn must be '' (as heads) or one of {HEAD_KINDS}, got {self.fpn!r}")
         if self.num_classes < 1 or self.width < 1:
             raise ValueError("a detector needs at least one class and a positive FPN width")
-        if self.fpn_norm not in FPN_NORMS:
-            raise ValueError(f"fpn_norm must be one of {FPN_NORMS}, got {self.fpn_norm!r}")
-        if self.head_residual not in FPN_NORMS:
-            raise ValueError(
-                f"head_residual must be one of {FPN_NORMS}, got {self.head_residual!r}"
-            )
+        if self.fpn_norm not in WHERE:
+            raise ValueError(f"fpn_norm must be one of {WHERE}, got {self.fpn_norm!r}")
+        if self.head_residual not in WHERE:
+            raise ValueError(f"head_residual must be one of {WHERE}, got {self.head_residual!r}")
         if self.attention_projection and "attention" not in (self.heads, self.resolved_fpn()):
             raise ValueError(
                 "attention_projection adds W_O to attention FPNs and heads: it needs "
