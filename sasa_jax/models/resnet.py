@@ -33,6 +33,21 @@ def attention(**layer_kwargs) -> SpatialFactory:
     return functools.partial(SelfAttention2D, **layer_kwargs)
 
 
+def _stem_conv(in_features, out_features, size, strides, padding, norm: Norm, rngs) -> nnx.Conv:
+    """A stem's bias-free ``size x size`` conv in the norm's dtypes."""
+    return nnx.Conv(
+        in_features,
+        out_features,
+        (size, size),
+        strides=strides,
+        padding=padding,
+        use_bias=False,
+        dtype=norm.dtype,
+        param_dtype=norm.param_dtype,
+        rngs=rngs,
+    )
+
+
 class ConvStem(nnx.Module):
     """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool: ``[b,224,224,3] -> [b,56,56,w]``."""
 
@@ -40,17 +55,7 @@ class ConvStem(nnx.Module):
         self, in_features: int = 3, out_features: int = 64, *, norm: Norm = Norm(), rngs: nnx.Rngs
     ):
         self.in_features, self.out_features = in_features, out_features
-        self.conv = nnx.Conv(
-            in_features,
-            out_features,
-            (7, 7),
-            strides=2,
-            padding=[(3, 3)] * 2,
-            use_bias=False,
-            dtype=norm.dtype,
-            param_dtype=norm.param_dtype,
-            rngs=rngs,
-        )
+        self.conv = _stem_conv(in_features, out_features, 7, 2, [(3, 3)] * 2, norm, rngs)
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
@@ -76,17 +81,7 @@ class PatchStem(nnx.Module):
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
         self.in_features, self.out_features, self.block = in_features, out_features, block
-        self.conv = nnx.Conv(
-            in_features,
-            out_features,
-            (block, block),
-            strides=block,
-            padding="VALID",
-            use_bias=False,
-            dtype=norm.dtype,
-            param_dtype=norm.param_dtype,
-            rngs=rngs,
-        )
+        self.conv = _stem_conv(in_features, out_features, block, block, "VALID", norm, rngs)
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
