@@ -11,7 +11,7 @@ Expect a test top-1 (the last eval_top1 in metrics.jsonl) of about 0.85 (measure
 0.852) in about 5 minutes on a 2-core CPU (287 s), from an empty TFDS data dir; the README's
 results table. The argument selects model fields like configs/imagenet.py, e.g.
 --config=configs/digits_clutter.py:variant=baseline. docs/ablations.md sweeps them with
-python -m sasa_jax.sweep (Table 7 at this config's 10 epochs, Tables 3-6 at 4).
+python -m sasa_jax.sweep (Tables 3-7, at this config's 10 epochs).
 """
 
 import pathlib
