@@ -1,8 +1,8 @@
 """Per-layer statistics of a model's attention on a batch: is it learning, or stuck?
 
 ``attention_stats(model, images)`` runs one forward pass with every attention layer capturing
-(``SelfAttention2D`` and ``StemAttention``: their inputs, outputs and weights) and returns, per
-layer:
+(``SelfAttention2D``, ``StemAttention``, ``SlidingStemAttention``: their inputs, outputs and
+weights) and returns, per layer:
 
 - ``in_rms`` / ``out_rms``: the root mean square of the layer's input and output;
 - ``entropy``: the attention weights' mean entropy over each query's window, as a fraction of
@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from sasa_jax.nn import SelfAttention2D, StemAttention
+from sasa_jax.nn import SelfAttention2D, SlidingStemAttention, StemAttention
 
 
 def attention_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
@@ -38,7 +38,7 @@ def attention_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return [
         ("/".join(str(p) for p in path), module)
         for path, module in nnx.iter_graph(model)
-        if isinstance(module, SelfAttention2D | StemAttention)
+        if isinstance(module, SelfAttention2D | StemAttention | SlidingStemAttention)
     ]
 
 
@@ -72,7 +72,7 @@ def _content_logit(layer, x) -> np.ndarray | None:
     return np.asarray((q * k).sum(-1))
 
 
-def _mixture_entropy(layer: StemAttention) -> float | None:
+def _mixture_entropy(layer: StemAttention | SlidingStemAttention) -> float | None:
     if layer.value_mixture is None:
         return None
     p = np.asarray(layer.mixture_weights(), np.float64)
@@ -113,7 +113,7 @@ def attention_stats(model: nnx.Module, images: jax.Array) -> dict[str, dict[str,
         if getattr(layer, "rel_row", None) is not None:
             tables = [layer.rel_row[...].ravel(), layer.rel_col[...].ravel()]
             row["rel_rms"] = _rms(np.concatenate(tables))
-        if isinstance(layer, StemAttention):
+        if isinstance(layer, StemAttention | SlidingStemAttention):
             row["mix_entropy"] = _mixture_entropy(layer)
         stats[path] = row
     return stats

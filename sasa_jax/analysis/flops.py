@@ -32,7 +32,7 @@ import jax
 from flax import nnx
 
 from sasa_jax.models import AttentionStem, Bottleneck, ConvStem, PatchStem, ResNet
-from sasa_jax.nn import SelfAttention2D, StemAttention
+from sasa_jax.nn import SelfAttention2D, SlidingStemAttention, StemAttention
 
 Counter = Callable[..., tuple[int, int, int]]
 CONVENTIONS = ("paper", "computed")
@@ -104,8 +104,31 @@ def stem_attention_flops(
     return flops, h, w
 
 
+def sliding_stem_flops(
+    stem: SlidingStemAttention, h: int, w: int, convention: str = "paper"
+) -> tuple[int, int, int]:
+    """(FLOPs, out height, out width) of a sliding-window stem attention (not the paper's).
+    "paper": as eq. 3 and 8 read with the window's offsets for positions: W_Q and W_K, M
+    value projections, a p-weighted mix of them per query and tap (M*out), q.k, q.r and the
+    weighted sum per tap. "computed": the folded form the layer executes (its docstring)."""
+    h, w = math.ceil(h / stem.strides), math.ceil(w / stem.strides)
+    pixels, cin, out = h * w, stem.in_features, stem.out_features
+    taps, heads = stem.window**2, stem.num_heads
+    mixtures = stem.value_mixture.shape[0]
+    if convention == "paper":
+        flops = 2 * 2 * pixels * cin * out + 2 * pixels * mixtures * cin * out
+        flops += 2 * pixels * taps * mixtures * out + 2 * 2 * pixels * taps * out
+        return flops + _relative_flops(pixels, taps, 2 * stem.window, out, convention), h, w
+    folded = 2 * cin * cin * out + 2 * cin * stem.window * out  # W_Q W_K^T, W_Q r
+    logits = 2 * heads * (cin * cin + taps * cin + 2 * stem.window * cin)
+    values = 2 * taps * mixtures * cin * (1 + heads) + 2 * mixtures * cin * out
+    return folded + pixels * (logits + values), h, w
+
+
 def _attention_stem_flops(stem: AttentionStem, h: int, w: int, convention: str):
-    flops, h, w = stem_attention_flops(stem.attention, h, w, convention)
+    flops, h, w = module_flops(stem.attention, h, w, convention)
+    if isinstance(stem.attention, SlidingStemAttention):  # the conv stem's 3x3/2 pool
+        return flops, _out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1))
     return flops, h // stem.block, w // stem.block
 
 
@@ -140,6 +163,7 @@ _COUNTERS: list[tuple[type, Counter]] = [
     (nnx.Conv, conv_flops),
     (SelfAttention2D, attention_flops),
     (StemAttention, stem_attention_flops),
+    (SlidingStemAttention, sliding_stem_flops),
     (AttentionStem, _attention_stem_flops),
     (ConvStem, _conv_stem_flops),
     (PatchStem, lambda stem, h, w, convention: conv_flops(stem.conv, h, w)),

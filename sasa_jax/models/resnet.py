@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.nn import Conv1x1, Norm, SelfAttention2D, StemAttention, block_max
+from sasa_jax.nn import (
+    Conv1x1,
+    Norm,
+    SelfAttention2D,
+    SlidingStemAttention,
+    StemAttention,
+    block_max,
+)
 
 Array = jax.Array
 SpatialFactory = Callable[..., nnx.Module]
@@ -98,7 +105,13 @@ class AttentionStem(nnx.Module):
     spatially-aware values), batch norm, ReLU and a block x block max pool:
     ``[b, 224, 224, 3] -> [b, 56, 56, 64]``. The paper names the norm and the pool; the ReLU
     between them is our choice, as in the conv stem. ``attention_kwargs`` go to
-    ``StemAttention`` (block, values, heads, implementation, dtypes)."""
+    ``StemAttention`` (block, values, heads, implementation, dtypes).
+
+    ``window > 0`` is not the paper's stem but the conv stem's geometry with attention in
+    place of its 7x7/2 convolution: ``SlidingStemAttention`` over a ``window x window``
+    neighbourhood of every second pixel, BN, ReLU, a 3x3 stride-2 max pool; neighbouring
+    outputs overlap. It takes the spatially-aware values only and ignores ``block`` and
+    ``implementation``."""
 
     def __init__(
         self,
@@ -106,17 +119,36 @@ class AttentionStem(nnx.Module):
         out_features: int = 64,
         *,
         norm: Norm = Norm(),
+        window: int = 0,
         rngs: nnx.Rngs,
         **attention_kwargs,
     ):
         self.in_features, self.out_features = in_features, out_features
-        self.attention = StemAttention(in_features, out_features, rngs=rngs, **attention_kwargs)
-        self.block = self.attention.block
+        self.block = attention_kwargs.get("block", 4)
+        if window:
+            self.attention = _sliding_stem_attention(
+                in_features, out_features, window, rngs, attention_kwargs
+            )
+        else:
+            self.attention = StemAttention(in_features, out_features, rngs=rngs, **attention_kwargs)
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         y = nnx.relu(self.norm(self.attention(x)))
+        if isinstance(self.attention, SlidingStemAttention):
+            return nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         return block_max(y, self.block)
+
+
+def _sliding_stem_attention(in_features, out_features, window, rngs, kwargs):
+    values = kwargs.get("values", "spatially_aware")
+    if values != "spatially_aware":
+        raise ValueError(f"a sliding-window stem has spatially-aware values only, got {values!r}")
+    names = ("num_heads", "num_mixtures", "zero_query", "embed_dim", "dtype", "param_dtype")
+    chosen = {name: kwargs[name] for name in names if name in kwargs}
+    return SlidingStemAttention(
+        in_features, out_features, window=window, strides=2, rngs=rngs, **chosen
+    )
 
 
 class Bottleneck(nnx.Module):

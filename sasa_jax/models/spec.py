@@ -67,6 +67,9 @@ class ModelSpec:
     stem_block: int = 4
     stem_mixtures: int = 4  # M of the spatially-aware values (not stated in the paper)
     stem_zero_query: bool = True  # the stem's W_Q starts at zero: block-uniform weights at init
+    # > 0: not the paper's stem; the conv stem's geometry with a stem_window x stem_window
+    # stride-2 attention for its conv (models.AttentionStem); spatially-aware values only
+    stem_window: int = 0
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> ModelSpec:
@@ -92,6 +95,7 @@ class ModelSpec:
             )
         if self.resolved_stem() not in STEMS:
             raise ValueError(f"model.stem must be one of {STEMS}, got {self.stem!r}")
+        self._check_stem_window()
         for stage in self.resolved_attention_stages():
             width = _scaled(STAGE_WIDTHS[stage - 1], self.width_multiplier)
             if width % self.num_heads or (width // self.num_heads) % 2:
@@ -100,6 +104,24 @@ class ModelSpec:
                     "heads of even size"
                 )
         _scaled(64, self.width_multiplier)
+
+    def _check_stem_window(self) -> None:
+        if self.stem_window < 0:
+            raise ValueError(
+                f"model.stem_window must be >= 0 (0: the paper's blocks), got {self.stem_window}"
+            )
+        if self.stem_window and self.stem_values != "spatially_aware":
+            raise ValueError(
+                "model.stem_window > 0 (a sliding-window stem) has spatially-aware values only; "
+                f"got model.stem_values={self.stem_values!r}: set stem_window=0 or "
+                "stem_values='spatially_aware'"
+            )
+        if self.stem_window and self.resolved_stem() != "attention":
+            raise ValueError(
+                f"model.stem_window={self.stem_window} applies to the attention stem, but this "
+                f"model's stem is {self.resolved_stem()!r}: use variant=full_attention or "
+                "stem='attention', or stem_window=0"
+            )
 
     def resolved_stem(self) -> str:
         """ "conv", "attention" or "patch": the stem this spec builds."""
@@ -156,6 +178,7 @@ def build_model(
             values=spec.stem_values,
             num_mixtures=spec.stem_mixtures,
             zero_query=spec.stem_zero_query,
+            window=spec.stem_window,
             implementation=spec.implementation,
             **dtypes,
         )

@@ -14,6 +14,7 @@ from sasa_jax.nn.attention import (
 from sasa_jax.nn.conv import Conv1x1, conv3x3, subsample
 from sasa_jax.nn.norm import BatchNorm, Norm, set_batch_axis
 from sasa_jax.nn.pool import block_max
+from sasa_jax.nn.sliding_stem import SlidingStemAttention, image_windows
 
 __all__ = [
     "LOGITS",
@@ -23,9 +24,11 @@ __all__ = [
     "Conv1x1",
     "Norm",
     "SelfAttention2D",
+    "SlidingStemAttention",
     "StemAttention",
     "block_max",
     "conv3x3",
+    "image_windows",
     "relative_logit_maps",
     "set_batch_axis",
     "sinusoidal_2d",

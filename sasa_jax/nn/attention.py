@@ -78,6 +78,13 @@ def relative_logit_maps(q: Array, rel_row: Array, rel_col: Array) -> Array:
     return rows[..., :, None] + cols[..., None, :]
 
 
+def mixture_weights(emb_row: Array, emb_col: Array, mixture_emb: Array) -> Array:
+    """Eq. 9, ``p(a, b, m) = softmax_m((emb_row[a] + emb_col[b]) . nu_m)``: ``[rows, cols, M]``
+    (float32) from ``emb_row [rows, e]``, ``emb_col [cols, e]`` and ``mixture_emb [M, e]``."""
+    emb = emb_row.astype(jnp.float32)[:, None, :] + emb_col.astype(jnp.float32)[None, :, :]
+    return jax.nn.softmax(jnp.einsum("abe,me->abm", emb, mixture_emb.astype(jnp.float32)), -1)
+
+
 def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Linear:
     return nnx.Linear(
         in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -324,11 +331,7 @@ class StemAttention(nnx.Module):
 
     def mixture_weights(self) -> Array:
         """p(a, b, m) of eq. 9, ``[block, block, num_mixtures]`` (float32)."""
-        emb = self.emb_row[...][:, None, :] + self.emb_col[...][None, :, :]
-        logits = jnp.einsum(
-            "abe,me->abm", emb.astype(jnp.float32), self.mixture_emb[...].astype(jnp.float32)
-        )
-        return jax.nn.softmax(logits, axis=-1)
+        return mixture_weights(self.emb_row[...], self.emb_col[...], self.mixture_emb[...])
 
     def _values(self, x: Array) -> Array:
         if self.value is not None:
