@@ -164,4 +164,5 @@ def test_diagnostics_read_the_sliding_stem():
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     stem = diagnostics.attention_stats(model, images)["stem/attention"]
     assert stem["entropy"] == pytest.approx(1.0, abs=1e-6)  # W_Q = 0: uniform over the taps
+    assert stem["in_rms"] == pytest.approx(float(np.sqrt(np.mean(np.square(images)))), 1e-5)
     assert 0 < stem["mix_entropy"] <= 1

@@ -148,9 +148,9 @@ class SlidingStemAttention(nnx.Module):
                 f"expected [batch, height, width, {self.in_features}], got {tuple(x.shape)}"
             )
         dtype = self.dtype or jnp.result_type(x.dtype, self.w_key[...].dtype)
-        x = x.astype(dtype)
-        taps, valid = image_windows(x, self.window, self.strides)
-        x = x[:, :: self.strides, :: self.strides]  # the queries
+        images = x.astype(dtype)
+        taps, valid = image_windows(images, self.window, self.strides)
+        x = images[:, :: self.strides, :: self.strides]  # the queries' pixels
         logits = self.logits(x, taps).astype(jnp.float32)
         logits = jnp.where(valid[None, :, :, None, :], logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1)  # [b, H, W, heads, taps]
@@ -163,7 +163,7 @@ class SlidingStemAttention(nnx.Module):
         out = jnp.einsum("bxyhmc,mchd->bxyhd", pooled, kernels).reshape(*x.shape[:3], -1)
         if self.capture:
             self.sow(nnx.Intermediate, "attention_weights", weights)
-            self.sow(nnx.Intermediate, "inputs", x)
+            self.sow(nnx.Intermediate, "inputs", images)
             self.sow(nnx.Intermediate, "outputs", out)
         return out
 
