@@ -132,11 +132,13 @@ class SlidingStemAttention(nnx.Module):
         folded_k = jnp.einsum("chd,ehd->hce", wq, wk)  # [heads, in, in]
         folded_row = jnp.einsum("chd,ad->hac", wq[..., :half], self.rel_row[...].astype(dtype))
         folded_col = jnp.einsum("chd,ad->hac", wq[..., half:], self.rel_col[...].astype(dtype))
-        # Products and sums over the 1-3 channels: XLA's CPU dot is slow on many tiny matmuls.
-        query_side = jnp.einsum("bxyc,hce->bxyhe", x, folded_k)  # [b, H, W, heads, in]
+        # Products and sums over the 1-3 channels, not dots: XLA's CPU dot is slow on many tiny
+        # matmuls, and XLA:GPU fails to tile such a dot of the strided query pixels
+        # (accelerator_tests/test_sliding_stem_compiles.py).
+        query_side = (x[..., None, :, None] * folded_k).sum(-2)  # [b, H, W, heads, in]
         qk = (query_side[..., :, None, :] * taps[..., None, :, :]).sum(-1)
-        rows = jnp.einsum("bxyc,hac->bxyha", x, folded_row)
-        cols = jnp.einsum("bxyc,hac->bxyha", x, folded_col)
+        rows = (x[..., None, None, :] * folded_row).sum(-1)  # [b, H, W, heads, window]
+        cols = (x[..., None, None, :] * folded_col).sum(-1)
         qr = (rows[..., :, None] + cols[..., None, :]).reshape(qk.shape)
         return qk + qr
 
