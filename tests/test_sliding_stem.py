@@ -45,13 +45,21 @@ def _reference(params: dict, x, *, window: int, strides: int, heads: int):
     return jnp.stack(rows, 1)
 
 
+@pytest.fixture(params=["_values_per_head", "_values_per_mixture"])
+def values_form(request, monkeypatch):
+    """Each of the layer's two forms of the values (CPU's, the accelerators'), run on CPU."""
+    form = getattr(SlidingStemAttention, request.param)
+    monkeypatch.setattr(SlidingStemAttention, "weighted_values", form)
+    return request.param
+
+
 def _layer(strides=1, **kwargs):
     kwargs = {"window": 3, "num_heads": 2, "num_mixtures": 3, "zero_query": False, **kwargs}
     return SlidingStemAttention(3, 8, strides=strides, rngs=nnx.Rngs(3), **kwargs)
 
 
 @pytest.mark.parametrize("strides", [1, 2])
-def test_matches_the_hand_written_attention(strides):
+def test_matches_the_hand_written_attention(strides, values_form):
     layer = _layer(strides)
     x = jax.random.normal(jax.random.key(0), (2, 5, 4, 3))
     params = {k: v[...] for k, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
@@ -61,7 +69,7 @@ def test_matches_the_hand_written_attention(strides):
     chex.assert_trees_all_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_match_the_hand_written_attention():
+def test_gradients_match_the_hand_written_attention(values_form):
     layer = _layer()
     x = jax.random.normal(jax.random.key(1), (1, 3, 3, 3))
     graphdef, params = nnx.split(layer, nnx.Param)
