@@ -110,7 +110,8 @@ def sliding_stem_flops(
     """(FLOPs, out height, out width) of a sliding-window stem attention (not the paper's).
     "paper": as eq. 3 and 8 read with the window's offsets for positions: W_Q and W_K, M
     value projections, a p-weighted mix of them per query and tap (M*out), q.k, q.r and the
-    weighted sum per tap. "computed": the folded form the layer executes (its docstring)."""
+    weighted sum per tap. "computed": the folded form the layer executes on accelerators (its
+    docstring; on CPU it applies each tap's mixed value matrix instead)."""
     h, w = math.ceil(h / stem.strides), math.ceil(w / stem.strides)
     pixels, cin, out = h * w, stem.in_features, stem.out_features
     taps, heads = stem.window**2, stem.num_heads
@@ -125,16 +126,21 @@ def sliding_stem_flops(
     return folded + pixels * (logits + values), h, w
 
 
+def _conv_stem_pool_size(h: int, w: int) -> tuple[int, int]:
+    """The map's size after the conv stem's 3x3 stride-2 max pool (``conv_stem_pool``)."""
+    return _out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1))
+
+
 def _attention_stem_flops(stem: AttentionStem, h: int, w: int, convention: str):
     flops, h, w = module_flops(stem.attention, h, w, convention)
-    if isinstance(stem.attention, SlidingStemAttention):  # the conv stem's 3x3/2 pool
-        return flops, _out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1))
+    if isinstance(stem.attention, SlidingStemAttention):
+        return (flops, *_conv_stem_pool_size(h, w))
     return flops, h // stem.block, w // stem.block
 
 
 def _conv_stem_flops(stem: ConvStem, h: int, w: int, convention: str):
     flops, h, w = conv_flops(stem.conv, h, w)
-    return flops, _out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1))
+    return (flops, *_conv_stem_pool_size(h, w))
 
 
 def module_flops(

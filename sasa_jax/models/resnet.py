@@ -55,6 +55,12 @@ def _stem_conv(in_features, out_features, size, strides, padding, norm: Norm, rn
     )
 
 
+def conv_stem_pool(x: Array) -> Array:
+    """The conv stem's 3x3 stride-2 max pool (padding 1): ``[b, h, w, c] -> [b, h/2, w/2, c]``
+    (sizes rounded up)."""
+    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 class ConvStem(nnx.Module):
     """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool: ``[b,224,224,3] -> [b,56,56,w]``."""
 
@@ -66,8 +72,7 @@ class ConvStem(nnx.Module):
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        y = nnx.relu(self.norm(self.conv(x)))
-        return nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return conv_stem_pool(nnx.relu(self.norm(self.conv(x))))
 
 
 class PatchStem(nnx.Module):
@@ -136,7 +141,7 @@ class AttentionStem(nnx.Module):
     def __call__(self, x: Array) -> Array:
         y = nnx.relu(self.norm(self.attention(x)))
         if isinstance(self.attention, SlidingStemAttention):
-            return nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            return conv_stem_pool(y)
         return block_max(y, self.block)
 
 

@@ -85,6 +85,16 @@ def mixture_weights(emb_row: Array, emb_col: Array, mixture_emb: Array) -> Array
     return jax.nn.softmax(jnp.einsum("abe,me->abm", emb, mixture_emb.astype(jnp.float32)), -1)
 
 
+def check_stem_heads(out_features: int, num_heads: int) -> None:
+    """Raise ValueError unless a stem's ``out_features`` split into ``num_heads`` heads of even
+    size (each head's relative logits take half its features per axis)."""
+    if out_features % num_heads or (out_features // num_heads) % 2:
+        raise ValueError(
+            f"out_features ({out_features}) must split into num_heads ({num_heads}) heads "
+            "of even size"
+        )
+
+
 def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Linear:
     return nnx.Linear(
         in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -277,11 +287,7 @@ class StemAttention(nnx.Module):
         _check_implementation(implementation)
         if block < 1 or num_mixtures < 1:
             raise ValueError(f"block and num_mixtures must be >= 1, got {block}, {num_mixtures}")
-        if out_features % num_heads or (out_features // num_heads) % 2:
-            raise ValueError(
-                f"out_features ({out_features}) must split into num_heads ({num_heads}) heads "
-                "of even size"
-            )
+        check_stem_heads(out_features, num_heads)
         self.in_features, self.out_features = in_features, out_features
         self.block, self.num_heads = block, num_heads
         self.head_dim = out_features // num_heads

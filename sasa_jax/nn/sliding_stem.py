@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sasa_jax.nn.attention import mixture_weights
+from sasa_jax.nn.attention import check_stem_heads, mixture_weights
 
 Array = jax.Array
 
@@ -90,11 +90,7 @@ class SlidingStemAttention(nnx.Module):
             raise ValueError(f"strides must be 1 or 2, got {strides!r}")
         if window < 1 or num_mixtures < 1:
             raise ValueError(f"window and num_mixtures must be >= 1, got {window}, {num_mixtures}")
-        if out_features % num_heads or (out_features // num_heads) % 2:
-            raise ValueError(
-                f"out_features ({out_features}) must split into num_heads ({num_heads}) heads "
-                "of even size"
-            )
+        check_stem_heads(out_features, num_heads)
         self.in_features, self.out_features = in_features, out_features
         self.window, self.strides, self.num_heads = window, strides, num_heads
         self.head_dim = out_features // num_heads
