@@ -13,7 +13,7 @@ from attention_reference import reference_attention, reference_block_attention
 from flax import nnx
 
 from sasa_jax.models import AttentionStem
-from sasa_jax.nn import block_max
+from sasa_jax.nn import SlidingStemAttention, block_max
 from sasa_jax.nn.attention import SelfAttention2D, StemAttention, sinusoidal_2d
 
 
@@ -239,6 +239,27 @@ def test_stem_zero_query_starts_as_a_block_average_of_the_values():
     expected = np.repeat(np.repeat(v, 4, axis=1), 4, axis=2)
     chex.assert_trees_all_close(y, expected, atol=1e-5)
     assert np.abs(stem.key.kernel[...]).max() > 0  # only W_Q starts at zero
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        functools.partial(StemAttention, 3, 64),
+        functools.partial(SlidingStemAttention, 3, 64, window=7),
+        functools.partial(SlidingStemAttention, 1, 16, window=7, num_mixtures=49),
+    ],
+    ids=["paper", "sliding", "sliding_m49"],
+)
+def test_stem_mixture_weights_start_soft(make):
+    """Eq. 9's logits start at unit variance, so no position starts on one mixture (with all
+    embeddings at N(0, 1) their std is sqrt(2 e), 11 at e = 64, and the top weight ~0.95)."""
+    layer = make(rngs=nnx.Rngs(0))
+    emb = layer.emb_row[...][:, None, :] + layer.emb_col[...][None, :, :]
+    logits = emb @ layer.mixture_emb[...].T
+    assert 0.6 < float(logits.std()) < 1.5
+    top = layer.mixture_weights().max(-1)
+    assert float(top.mean()) < 0.7
+    assert float(top.max()) < 0.99
 
 
 def test_stem_queries_never_see_other_tiles():

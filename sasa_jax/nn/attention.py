@@ -8,7 +8,9 @@ Initialisation (the paper does not say; these are our choices):
     unit-variance q, k and v components.
   * Relative tables ``rel_row``/``rel_col`` are N(0, 1), the same per-component scale as k, so
     q·k and q·r start out comparable. q is scaled by head_dim^-0.5 before both terms.
-  * The stem's position embeddings and mixture embeddings nu_m are N(0, 1).
+  * The stem's mixture embeddings nu_m are N(0, 1) and its position embeddings N(0, 1/(2e))
+    for embedding size e, so eq. 9's mixture logits start at unit variance
+    (``nn.stem_values.spatial_value_params``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sasa_jax.attention import (
     local_attention,
     rel_length,
 )
+from sasa_jax.nn.stem_values import check_stem_heads, mixture_weights, spatial_value_params
 
 Array = jax.Array
 
@@ -76,23 +79,6 @@ def relative_logit_maps(q: Array, rel_row: Array, rel_col: Array) -> Array:
     rows = jnp.einsum("bhwnd,rd->bhwnr", q[..., :half], rel_row.astype(q.dtype))
     cols = jnp.einsum("bhwnd,cd->bhwnc", q[..., half:], rel_col.astype(q.dtype))
     return rows[..., :, None] + cols[..., None, :]
-
-
-def mixture_weights(emb_row: Array, emb_col: Array, mixture_emb: Array) -> Array:
-    """Eq. 9, ``p(a, b, m) = softmax_m((emb_row[a] + emb_col[b]) . nu_m)``: ``[rows, cols, M]``
-    (float32) from ``emb_row [rows, e]``, ``emb_col [cols, e]`` and ``mixture_emb [M, e]``."""
-    emb = emb_row.astype(jnp.float32)[:, None, :] + emb_col.astype(jnp.float32)[None, :, :]
-    return jax.nn.softmax(jnp.einsum("abe,me->abm", emb, mixture_emb.astype(jnp.float32)), -1)
-
-
-def check_stem_heads(out_features: int, num_heads: int) -> None:
-    """Raise ValueError unless a stem's ``out_features`` split into ``num_heads`` heads of even
-    size (each head's relative logits take half its features per axis)."""
-    if out_features % num_heads or (out_features // num_heads) % 2:
-        raise ValueError(
-            f"out_features ({out_features}) must split into num_heads ({num_heads}) heads "
-            "of even size"
-        )
 
 
 def _projection(in_features, out_features, dtype, param_dtype, rngs) -> nnx.Linear:
@@ -322,15 +308,14 @@ class StemAttention(nnx.Module):
             else None
         )
         if values == "spatially_aware":
-            embed_dim = embed_dim or out_features
-            lecun = jax.nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
-            self.value_mixture = nnx.Param(
-                lecun(rngs.params(), (num_mixtures, in_features, out_features), param_dtype)
-            )
-            self.emb_row = nnx.Param(normal(rngs.params(), (block, embed_dim), param_dtype))
-            self.emb_col = nnx.Param(normal(rngs.params(), (block, embed_dim), param_dtype))
-            self.mixture_emb = nnx.Param(
-                normal(rngs.params(), (num_mixtures, embed_dim), param_dtype)
+            self.value_mixture, self.emb_row, self.emb_col, self.mixture_emb = spatial_value_params(
+                block,
+                in_features,
+                out_features,
+                num_mixtures,
+                embed_dim or out_features,
+                param_dtype,
+                rngs,
             )
         else:
             self.value_mixture = self.emb_row = self.emb_col = self.mixture_emb = None

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sasa_jax.nn.attention import check_stem_heads, mixture_weights
+from sasa_jax.nn.stem_values import check_stem_heads, mixture_weights, spatial_value_params
 
 Array = jax.Array
 
@@ -104,14 +104,15 @@ class SlidingStemAttention(nnx.Module):
         table = (window, self.head_dim // 2)
         self.rel_row = nnx.Param(normal(rngs.params(), table, param_dtype))
         self.rel_col = nnx.Param(normal(rngs.params(), table, param_dtype))
-        mixture_init = jax.nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
-        self.value_mixture = nnx.Param(
-            mixture_init(rngs.params(), (num_mixtures, in_features, out_features), param_dtype)
+        self.value_mixture, self.emb_row, self.emb_col, self.mixture_emb = spatial_value_params(
+            window,
+            in_features,
+            out_features,
+            num_mixtures,
+            embed_dim or out_features,
+            param_dtype,
+            rngs,
         )
-        embed_dim = embed_dim or out_features
-        self.emb_row = nnx.Param(normal(rngs.params(), (window, embed_dim), param_dtype))
-        self.emb_col = nnx.Param(normal(rngs.params(), (window, embed_dim), param_dtype))
-        self.mixture_emb = nnx.Param(normal(rngs.params(), (num_mixtures, embed_dim), param_dtype))
 
     def mixture_weights(self) -> Array:
         """p(tap, m): ``[window, window, num_mixtures]`` (float32)."""
