@@ -1,12 +1,15 @@
 r"""Per-layer statistics of a run's attention layers, from its checkpoints.
 
-  python -m sasa_jax.diagnose --workdir=DIR [--init] [--steps=400,890] [--images=32] [--json]
+  python -m sasa_jax.diagnose --workdir=DIR [--init] [--steps=400,890] [--images=32]
+      [--moved=stem] [--json]
 
 For each kept checkpoint (and with ``--init``, the model the run started from), on the first
 ``--images`` training images (augmented as in training, seed 0): each attention layer's input
 and output scale, how peaked its weights are, which logit term decides them, its relative
 tables' scale, the stem's mixture use, and ``|grad| / |weights|`` per layer and per part of the
-model (``sasa_jax.analysis.diagnostics`` says what each column is). Run it on a conv model's
+model (``sasa_jax.analysis.diagnostics`` says what each column is); and for each parameter
+whose path starts with ``--moved`` (default ``stem``), how far it has moved from its initial
+value, ``|W - W_0| / |W_0|``. Run it on a conv model's
 workdir too to compare the parts.
 """
 
@@ -37,14 +40,23 @@ def _batch(task, config, count: int) -> dict:
     return jax.tree.map(lambda *xs: np.stack(xs), *examples)
 
 
-def diagnose(workdir: str, steps=None, init=False, images=32) -> list[dict]:
-    """One row per (checkpoint, attention layer) and per (checkpoint, model part)."""
+def diagnose(workdir: str, steps=None, init=False, images=32, moved="stem") -> list[dict]:
+    """One row per (checkpoint, attention layer), per (checkpoint, model part) and per
+    (checkpoint, parameter under ``moved``)."""
     config = run_record.load_config(workdir)
     task = tasks.make_task(config, config.model.num_classes)
     batch = _batch(task, config, images)
     rows = []
-    states = restored_states(config, workdir, steps or "all", init)
+    states = restored_states(config, workdir, steps or "all", init=True)
+    initial = None
     for step, graphdef, _, state in states:
+        if initial is None:  # restored_states yields the run's initial state first
+            initial = state.params
+            if not init:
+                continue
+        else:
+            movement = diagnostics.parameter_movement(initial, state.params, moved)
+            rows += [{"step": step, "param": p, "moved": m} for p, m in movement.items()]
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         ratios = diagnostics.gradient_ratios(task, model, batch)
         model.eval()
@@ -75,6 +87,11 @@ def _format(rows: list[dict]) -> str:
             "  |grad|/|w| per part: "
             + ", ".join(f"{r['part']} {cell(r['grad_ratio'])}" for r in parts)
         )
+        params = [r for r in rows if r["step"] == step and "param" in r]
+        if params:
+            lines.append(
+                "  |W - W0|/|W0|: " + ", ".join(f"{r['param']} {cell(r['moved'])}" for r in params)
+            )
     return "\n".join(lines)
 
 
@@ -84,6 +101,9 @@ def main() -> None:
     steps = flags.DEFINE_list("steps", None, "Checkpoint steps (default: every kept one).")
     init = flags.DEFINE_bool("init", False, "Also the model the run started from (step 0).")
     images = flags.DEFINE_integer("images", 32, "Training images the statistics are taken on.")
+    moved = flags.DEFINE_string(
+        "moved", "stem", "How far the parameters under this path moved from init ('' for all)."
+    )
     as_json = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
     flags.mark_flags_as_required(["workdir"])
 
@@ -92,7 +112,7 @@ def main() -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
             chosen = [int(s) for s in steps.value] if steps.value else None
-            rows = diagnose(workdir.value, chosen, init.value, images.value)
+            rows = diagnose(workdir.value, chosen, init.value, images.value, moved.value)
         except (ValueError, FileNotFoundError) as error:
             print(f"sasa_jax.diagnose: error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -78,6 +78,21 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     stem = [r for r in rows if r.get("layer") == "stem/attention"]
     assert [r["entropy"] for r in stem if r["step"] == 0] == [pytest.approx(1.0, abs=1e-6)]
     assert all(r["grad_ratio"] > 0 for r in rows if r.get("part") == "head")
+    moved = {r["param"]: r["moved"] for r in rows if "param" in r}
+    assert {r["step"] for r in rows if "param" in r} == {2}
+    assert all(path.startswith("stem/") for path in moved)
+    (_, _, _, start), (_, _, _, end) = loop.restored_states(
+        config, str(tmp_path / "run"), [2], True
+    )
+    for name in ("emb_row", "value_mixture"):
+        w0 = np.asarray(start.params["stem"]["attention"][name].get_value())
+        w2 = np.asarray(end.params["stem"]["attention"][name].get_value())
+        want = np.linalg.norm(w2 - w0) / np.linalg.norm(w0)
+        assert moved[f"stem/attention/{name}"] == pytest.approx(want, rel=1e-5) and want > 0
+    w_q = end.params["stem"]["attention"]["query"]["kernel"].get_value()  # starts at zero
+    assert moved["stem/attention/query/kernel"] == pytest.approx(
+        float(np.linalg.norm(w_q)), rel=1e-5
+    )
     json.dumps(rows)  # what --json prints
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
         diagnose.diagnose(str(tmp_path / "run"), [3], images=8)

@@ -17,7 +17,9 @@ weights) and returns, per layer:
 
 ``gradient_ratios(task, model, batch)`` gives, per top-level part and per attention layer,
 ``|grad| / |weights|`` of one train-mode step's loss: the relative update SGD would make.
-``python -m sasa_jax.diagnose --workdir=DIR`` prints both for a run's checkpoints.
+``parameter_movement(initial, params)`` gives ``|W - W_0| / |W_0|`` per parameter: how far
+training moved each from where it started (do the stem's embeddings or relative tables learn?).
+``python -m sasa_jax.diagnose --workdir=DIR`` prints all three for a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -151,6 +153,22 @@ def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
         ratios[name] = _norm([flat_g[k].get_value() for k in keys]) / max(weights, 1e-30)
     model.eval()
     return ratios
+
+
+def parameter_movement(initial: nnx.State, params: nnx.State, prefix: str = "") -> dict[str, float]:
+    """``|W - W_0| / |W_0|`` (``|W|`` where ``W_0`` is zero, as a zero-initialised ``W_Q``) for
+    each parameter of ``params`` whose path (``stem/attention/emb_row``) starts with
+    ``prefix``; ``initial`` is the same model's parameters at step 0."""
+    start = {key: value.get_value() for key, value in nnx.to_flat_state(initial)}
+    moved = {}
+    for key, value in nnx.to_flat_state(params):
+        path = "/".join(str(p) for p in key)
+        if path.startswith(prefix):
+            origin = np.asarray(start[key], np.float64)
+            size = np.linalg.norm(origin)
+            distance = np.linalg.norm(np.asarray(value.get_value(), np.float64) - origin)
+            moved[path] = float(distance / size if size > 0 else distance)
+    return moved
 
 
 def as_rows(stats: dict[str, dict[str, float]], ratios: dict[str, float]) -> list[dict]:
