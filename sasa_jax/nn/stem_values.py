@@ -35,8 +35,9 @@ def spatial_value_params(
     that eq. 9's logits ``(emb_row[a] + emb_col[b]) . nu_m`` start with unit variance and the
     softmax over the M mixtures starts soft. With all three at N(0, 1) the logits' standard
     deviation is ``sqrt(2 embed_dim)`` (about 6 at 16): each position starts on one mixture
-    (top weight 0.9), its gradient vanishes and the embeddings hardly move in training
-    (docs/attention_at_small_scale.md measures both).
+    (mixture entropy 0.2 of log M), and in 10 epochs on the cluttered digits the position
+    embeddings moved 5-8% of their norm, against 90-100% from the smaller start
+    (docs/attention_at_small_scale.md).
     """
     lecun = jax.nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
     normal = jax.nn.initializers.normal(1.0)
