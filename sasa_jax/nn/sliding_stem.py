@@ -118,6 +118,10 @@ class SlidingStemAttention(nnx.Module):
         """p(tap, m): ``[window, window, num_mixtures]`` (float32)."""
         return mixture_weights(self.emb_row[...], self.emb_col[...], self.mixture_emb[...])
 
+    def _tap_mixtures(self) -> Array:
+        """p(tap, m) with the taps in ``image_windows``' order: ``[window*window, M]``."""
+        return self.mixture_weights().reshape(-1, self.value_mixture.shape[0])
+
     def _heads(self, w: nnx.Param, dtype) -> Array:
         return w[...].astype(dtype).reshape(self.in_features, self.num_heads, self.head_dim)
 
@@ -145,11 +149,10 @@ class SlidingStemAttention(nnx.Module):
     def tap_values(self, dtype) -> Array:
         """The value matrix of each tap, ``sum_m p(tap, m) W_V^m``, per head:
         ``[heads, window*window*in, head_dim]``."""
-        mixture = self.mixture_weights().reshape(-1, self.value_mixture.shape[0])  # [taps, M]
         kernels = self.value_mixture[...].reshape(
             -1, self.in_features, self.num_heads, self.head_dim
         )
-        per_tap = jnp.einsum("tm,mchd->htcd", mixture, kernels.astype(jnp.float32))
+        per_tap = jnp.einsum("tm,mchd->htcd", self._tap_mixtures(), kernels.astype(jnp.float32))
         return per_tap.reshape(self.num_heads, -1, self.head_dim).astype(dtype)
 
     def weighted_values(self, weights: Array, taps: Array) -> Array:
@@ -176,9 +179,9 @@ class SlidingStemAttention(nnx.Module):
         return jnp.stack(heads, axis=1).reshape(*weights.shape[:-1], self.head_dim)
 
     def _values_per_mixture(self, weights: Array, taps: Array) -> Array:
-        mixture = self.mixture_weights().reshape(-1, self.value_mixture.shape[0])  # [taps, M]
+        mixture = self._tap_mixtures().astype(taps.dtype)
         weighted = weights[..., None] * taps[..., None, :, :]  # [b, H, W, heads, taps, in]
-        pooled = jnp.einsum("bxyhtc,tm->bxyhmc", weighted, mixture.astype(taps.dtype))
+        pooled = jnp.einsum("bxyhtc,tm->bxyhmc", weighted, mixture)
         kernels = self.value_mixture[...].astype(taps.dtype)
         kernels = kernels.reshape(*kernels.shape[:2], self.num_heads, self.head_dim)
         return jnp.einsum("bxyhmc,mchd->bxyhd", pooled, kernels)
