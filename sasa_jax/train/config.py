@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.momentum = 0.9
     config.nesterov = True
     config.weight_decay = 1e-4
+    # Learning-rate multipliers by parameter path prefix, "stem:0.25,fpn:2" ("" for none).
+    config.learning_rate_scales = ""
     config.label_smoothing = 0.1
     config.ema_decay = 0.0  # 0 disables the EMA of the weights
     config.half_precision = False

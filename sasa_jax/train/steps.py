@@ -76,6 +76,75 @@ def decay_mask(params: nnx.State) -> Any:
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def parameter_path(path: tuple) -> str:
+    """``"stem/attention/emb_row"``: the dict keys of a pytree ``path`` of an ``nnx.State``,
+    joined by ``/`` (the ``.value`` attribute an ``nnx.Variable`` adds is skipped)."""
+    return "/".join(str(e.key) for e in path if isinstance(e, jax.tree_util.DictKey))
+
+
+def learning_rate_scales(text: str) -> dict[str, float]:
+    """``"stem:0.25,fpn:2"`` -> ``{"stem": 0.25, "fpn": 2.0}``: the learning-rate multiplier of
+    the parameters under each path prefix (``config.learning_rate_scales``; "" for none)."""
+    scales = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        prefix, sep, value = item.partition(":")
+        try:
+            scale = float(value) if sep and prefix.strip() else None
+        except ValueError:
+            scale = None
+        if scale is None or not scale >= 0 or prefix.strip() in scales:
+            raise ValueError(
+                f"config.learning_rate_scales: {item!r} is not PREFIX:SCALE with a new path "
+                "prefix and a scale >= 0, e.g. --config.learning_rate_scales=stem:0.25,fpn:2"
+            )
+        scales[prefix.strip().strip("/")] = scale
+    return scales
+
+
+def _scale_of(path: str, scales: dict[str, float]) -> float:
+    matches = [p for p in scales if path == p or path.startswith(p + "/")]
+    if len(matches) > 1:
+        raise ValueError(
+            f"config.learning_rate_scales: the prefixes {matches} all match {path}; give each "
+            "parameter at most one"
+        )
+    return scales[matches[0]] if matches else 1.0
+
+
+def scale_by_prefix(scales: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies the update of every parameter whose path (``parameter_path``) is a prefix of
+    ``scales`` or lies under one by that prefix's scale: a learning rate of its own, since the
+    step multiplies the direction by the schedule's rate. ``init`` raises ``ValueError`` for a
+    prefix that matches no parameter or two prefixes that match one, before anything
+    compiles."""
+
+    def init(params):
+        paths = [parameter_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        for path in paths:
+            _scale_of(path, scales)  # refuses overlapping prefixes here, not at compile time
+        unmatched = [
+            prefix
+            for prefix in scales
+            if not any(path == prefix or path.startswith(prefix + "/") for path in paths)
+        ]
+        if unmatched:
+            tops = sorted({path.split("/")[0] for path in paths})
+            raise ValueError(
+                f"config.learning_rate_scales: no parameter lies under {unmatched}; the model's "
+                f"top-level names are {tops}"
+            )
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, u: u * jnp.asarray(_scale_of(parameter_path(path), scales), u.dtype),
+            updates,
+        ), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def weight_decay(config) -> optax.GradientTransformation:
     """Adds ``config.weight_decay * p`` to the direction of every decayed weight
     (``decay_mask``). The rate lives in the optimiser state (``optax.inject_hyperparams``), so
@@ -93,15 +162,22 @@ def create_optimizer(config) -> optax.GradientTransformation:
     and offsets or biases), then (Nesterov) momentum -- ``optax.sgd`` after
     ``optax.add_decayed_weights``. ``"adamw"``: Adam's direction plus decoupled weight decay on
     the same weights (``optax.adamw``), for short runs from scratch.
+
+    ``config.learning_rate_scales`` (``"stem:0.25"``; default none) then multiplies the whole
+    direction of the parameters under each prefix, decay and momentum included, as a learning
+    rate of their own would (``scale_by_prefix``).
     """
     kind = config.get("optimizer", "sgd")
     if kind == "adamw":
-        return optax.chain(optax.scale_by_adam(), weight_decay(config))
-    if kind != "sgd":
+        parts = [optax.scale_by_adam(), weight_decay(config)]
+    elif kind == "sgd":
+        parts = [weight_decay(config), optax.trace(config.momentum, nesterov=config.nesterov)]
+    else:
         raise ValueError(f"config.optimizer must be one of {OPTIMIZERS}, got {kind!r}")
-    return optax.chain(
-        weight_decay(config), optax.trace(decay=config.momentum, nesterov=config.nesterov)
-    )
+    scales = learning_rate_scales(config.get("learning_rate_scales", ""))
+    if scales:  # appended only when asked: other runs keep their optimiser state's structure
+        parts.append(scale_by_prefix(scales))
+    return optax.chain(*parts)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, config):
