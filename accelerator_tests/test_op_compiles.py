@@ -46,8 +46,10 @@ def _loss(stages, stem):
     return total + jnp.sum(out.astype(jnp.float32) ** 2)
 
 
-@pytest.mark.parametrize("count", [1, 4])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# One device in bfloat16 (the kernels' narrow path); four devices in both dtypes (the same
+# per-device kernels, plus the sharding check). One device in float32 adds nothing the two do
+# not, and its H100 compile was the slowest case in CI's 15 minutes.
+@pytest.mark.parametrize(("dtype", "count"), [("bfloat16", 1), ("bfloat16", 4), ("float32", 4)])
 def test_op_forward_and_backward_compile(platform, dtype, count, devices_of):
     mesh = Mesh(np.array(devices_of(platform, count)), ("data",))
     split, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
