@@ -53,14 +53,20 @@ def learning_rate_schedule(config, total_steps: int, warmup_steps: int) -> optax
     )
 
 
+def parameter_path(path: tuple) -> str:
+    """``"stem/attention/emb_row"``: the dict keys of a pytree ``path`` of an ``nnx.State`` (or
+    of a nested dict of arrays), joined by ``/``. The ``.value`` attribute an ``nnx.Variable``
+    adds to every path is skipped."""
+    return "/".join(str(e.key) for e in path if isinstance(e, jax.tree_util.DictKey))
+
+
 def parameter_name(path: tuple) -> str:
-    """The attribute name of the parameter at a pytree ``path`` of an ``nnx.State`` (or of a
-    nested dict of arrays): the last dict key, so ``(..., 'norm1', 'scale', .value)`` is
-    ``"scale"``. The ``.value`` attribute an ``nnx.Variable`` adds to every path is skipped."""
-    for entry in reversed(path):
-        if isinstance(entry, jax.tree_util.DictKey):
-            return str(entry.key)
-    raise ValueError(f"no parameter name in the pytree path {jax.tree_util.keystr(path)}")
+    """The attribute name of the parameter at a pytree ``path``: the last dict key of
+    ``parameter_path``, so ``(..., 'norm1', 'scale', .value)`` is ``"scale"``."""
+    joined = parameter_path(path)
+    if not joined:
+        raise ValueError(f"no parameter name in the pytree path {jax.tree_util.keystr(path)}")
+    return joined.rsplit("/", 1)[-1]
 
 
 def decay_mask(params: nnx.State) -> Any:
@@ -76,33 +82,32 @@ def decay_mask(params: nnx.State) -> Any:
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def parameter_path(path: tuple) -> str:
-    """``"stem/attention/emb_row"``: the dict keys of a pytree ``path`` of an ``nnx.State``,
-    joined by ``/`` (the ``.value`` attribute an ``nnx.Variable`` adds is skipped)."""
-    return "/".join(str(e.key) for e in path if isinstance(e, jax.tree_util.DictKey))
-
-
 def learning_rate_scales(text: str) -> dict[str, float]:
     """``"stem:0.25,fpn:2"`` -> ``{"stem": 0.25, "fpn": 2.0}``: the learning-rate multiplier of
     the parameters under each path prefix (``config.learning_rate_scales``; "" for none)."""
     scales = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         prefix, sep, value = item.partition(":")
+        prefix = prefix.strip().strip("/")
         try:
-            scale = float(value) if sep and prefix.strip() else None
+            scale = float(value) if sep and prefix else None
         except ValueError:
             scale = None
-        if scale is None or not scale >= 0 or prefix.strip() in scales:
+        if scale is None or not scale >= 0 or prefix in scales:
             raise ValueError(
                 f"config.learning_rate_scales: {item!r} is not PREFIX:SCALE with a new path "
                 "prefix and a scale >= 0, e.g. --config.learning_rate_scales=stem:0.25,fpn:2"
             )
-        scales[prefix.strip().strip("/")] = scale
+        scales[prefix] = scale
     return scales
 
 
+def _lies_under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
 def _scale_of(path: str, scales: dict[str, float]) -> float:
-    matches = [p for p in scales if path == p or path.startswith(p + "/")]
+    matches = [prefix for prefix in scales if _lies_under(path, prefix)]
     if len(matches) > 1:
         raise ValueError(
             f"config.learning_rate_scales: the prefixes {matches} all match {path}; give each "
@@ -122,11 +127,7 @@ def scale_by_prefix(scales: dict[str, float]) -> optax.GradientTransformation:
         paths = [parameter_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
         for path in paths:
             _scale_of(path, scales)  # refuses overlapping prefixes here, not at compile time
-        unmatched = [
-            prefix
-            for prefix in scales
-            if not any(path == prefix or path.startswith(prefix + "/") for path in paths)
-        ]
+        unmatched = [p for p in scales if not any(_lies_under(path, p) for path in paths)]
         if unmatched:
             tops = sorted({path.split("/")[0] for path in paths})
             raise ValueError(
