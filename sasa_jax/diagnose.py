@@ -7,7 +7,8 @@ For each kept checkpoint (and with ``--init``, the model the run started from), 
 ``--images`` training images (augmented as in training, seed 0): each attention layer's input
 and output scale, how peaked its weights are, which logit term decides them, its relative
 tables' scale, the stem's mixture use, and ``|grad| / |weights|`` per layer and per part of the
-model (``sasa_jax.analysis.diagnostics`` says what each column is); and for each parameter
+model (``sasa_jax.analysis.diagnostics`` says what each column is); how many directions the
+stem's output spans (its effective rank, train-mode batch norm); and for each parameter
 whose path starts with ``--moved`` (default ``stem``), how far it has moved from its initial
 value, ``|W - W_0| / |W_0|``. Run it on a conv model's
 workdir too to compare the parts.
@@ -59,6 +60,9 @@ def diagnose(workdir: str, steps=None, init=False, images=32, moved="stem") -> l
             rows += [{"step": step, "param": p, "moved": m} for p, m in movement.items()]
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         ratios = diagnostics.gradient_ratios(task, model, batch)
+        rank = diagnostics.stem_rank(model, task.inputs(batch))
+        if rank is not None:
+            rows.append({"step": step, **rank})
         model.eval()
         stats = diagnostics.attention_stats(model, task.inputs(batch))
         rows += [{"step": step, **row} for row in diagnostics.as_rows(stats, ratios)]
@@ -87,6 +91,11 @@ def _format(rows: list[dict]) -> str:
             "  |grad|/|w| per part: "
             + ", ".join(f"{r['part']} {cell(r['grad_ratio'])}" for r in parts)
         )
+        for r in (r for r in rows if r["step"] == step and "stem_rank" in r):
+            lines.append(
+                f"  stem output: effective rank {r['stem_rank']:.3g} of {r['stem_channels']} "
+                f"channels; {r['stem_components']} components hold 99% of its variance"
+            )
         params = [r for r in rows if r["step"] == step and "param" in r]
         if params:
             lines.append(

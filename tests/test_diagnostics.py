@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sasa_jax import diagnose
+from sasa_jax import data, diagnose
 from sasa_jax.analysis import diagnostics
 from sasa_jax.models import ModelSpec, build_model
 from sasa_jax.tasks import make_task
@@ -62,6 +62,44 @@ def test_gradient_ratios_leave_the_batch_statistics_alone():
     assert ratios["head"] > 0 and ratios["stem"] > 0 and ratios["stages/0/0/spatial"] >= 0
 
 
+def test_effective_rank_counts_the_directions_features_span():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
+    for k in (1, 3, 16):
+        # k uncorrelated directions of equal variance (exactly: orthonormal columns)
+        codes = np.linalg.qr(rng.normal(size=(400, k)))[0] * np.sqrt(400)
+        codes -= codes.mean(0)
+        codes = np.linalg.qr(codes)[0]
+        features = (codes @ basis[:k]).reshape(4, 10, 10, 16) + 3.0
+        rank, components = diagnostics.effective_rank(features)
+        assert rank == pytest.approx(k, rel=1e-6) and components == k
+    assert diagnostics.effective_rank(np.full((2, 5, 5, 16), 2.5)) == (0.0, 0)
+    # one direction with 99.9% of the variance: rank near 1, one component holds 99%
+    lopsided = np.concatenate([rng.normal(size=(500, 1)) * 30, rng.normal(size=(500, 3))], -1)
+    rank, components = diagnostics.effective_rank(lopsided)
+    assert 1.0 < rank < 1.1 and components == 1
+
+
+def test_a_stem_that_sees_only_its_tiles_mean_passes_two_directions():
+    """With W_Q = 0 and uniform mixture weights the paper's stem outputs, per channel, an affine
+    function of each 4x4 tile's mean grey level; train-mode batch norm makes every channel
+    +-z (z: the standardised tile mean), and ReLU leaves relu(z) or relu(-z): at most two
+    directions. A random 7x7 conv stem on the same images passes nearly all 16. The model's
+    batch statistics are untouched."""
+    grey = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1), np.uint8).repeat(3, -1)
+    images = data.normalize(grey)
+    model = _model()
+    attention = model.stem.attention
+    attention.mixture_emb.set_value(np.zeros_like(attention.mixture_emb[...]))
+    before = nnx.clone(nnx.state(model, nnx.BatchStat))
+    rank = diagnostics.stem_rank(model, images)
+    chex.assert_trees_all_equal(nnx.state(model, nnx.BatchStat), before)
+    assert rank["stem_channels"] == 16 and rank["stem_components"] <= 2
+    assert rank["stem_rank"] <= 2.0
+    conv = diagnostics.stem_rank(_model(variant="conv_stem_attention"), images)
+    assert conv["stem_components"] >= 14 and conv["stem_rank"] > 10
+
+
 @pytest.mark.slow
 def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     from sasa_jax.train import loop
@@ -93,6 +131,10 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     assert moved["stem/attention/query/kernel"] == pytest.approx(
         float(np.linalg.norm(w_q)), rel=1e-5
     )
+    ranks = {r["step"]: r for r in rows if "stem_rank" in r}
+    assert set(ranks) == {0, 2} and all(r["stem_channels"] == 16 for r in ranks.values())
+    for r in ranks.values():
+        assert 0 < r["stem_rank"] <= 16 and 1 <= r["stem_components"] <= 16
     json.dumps(rows)  # what --json prints
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
         diagnose.diagnose(str(tmp_path / "run"), [3], images=8)

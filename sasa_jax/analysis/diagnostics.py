@@ -19,7 +19,9 @@ weights) and returns, per layer:
 ``|grad| / |weights|`` of one train-mode step's loss: the relative update SGD would make.
 ``parameter_movement(initial, params)`` gives ``|W - W_0| / |W_0|`` per parameter: how far
 training moved each from where it started (do the stem's embeddings or relative tables learn?).
-``python -m sasa_jax.diagnose --workdir=DIR`` prints all three for a run's checkpoints.
+``stem_rank(model, images)`` gives how many directions the stem's output spans
+(``effective_rank``): a stem that passes on little of its tiles starts the stages behind.
+``python -m sasa_jax.diagnose --workdir=DIR`` prints all four for a run's checkpoints.
 """
 
 from __future__ import annotations
@@ -171,9 +173,52 @@ def parameter_movement(initial: nnx.State, params: nnx.State, prefix: str = "") 
     return moved
 
 
+def effective_rank(features) -> tuple[float, int]:
+    """``features [..., channels]`` -> (effective rank, components): how many directions the
+    channels span over all leading positions. The effective rank is ``exp`` of the entropy of
+    the channel covariance's normalised eigenvalues (Roy and Vetterli, 2007): k for k
+    uncorrelated directions of equal variance, 1 for one direction, 0 for constant features;
+    ``components`` is how many principal components hold 99% of the variance."""
+    raw = np.asarray(features, np.float64)
+    raw = raw.reshape(-1, raw.shape[-1])
+    variance = np.linalg.svd(raw - raw.mean(0), compute_uv=False) ** 2
+    total = variance.sum()
+    if total <= 1e-12 * np.sum(np.square(raw)):  # constant up to rounding
+        return 0.0, 0
+    share = variance / total
+    entropy = -(share * np.log(np.where(share > 0, share, 1.0))).sum()
+    return float(np.exp(entropy)), int(np.searchsorted(np.cumsum(share), 0.99) + 1)
+
+
+def stem_rank(model: nnx.Module, images: jax.Array) -> dict[str, float] | None:
+    """How many directions the stem passes on: ``effective_rank`` of the stem's output
+    ``[b, h, w, channels]`` on normalised ``images`` ``[b, H, W, 3]``, as the first stage sees
+    it in training (train-mode batch norm; the model's batch statistics are left as they were,
+    and the model is left in eval mode). ``{"stem_rank", "stem_components", "stem_channels"}``;
+    None for a model without a stem (a classifier's ``stem`` or a detector's
+    ``backbone.stem``)."""
+    stem = getattr(model, "stem", None) or getattr(getattr(model, "backbone", None), "stem", None)
+    if stem is None:
+        return None
+    statistics = nnx.clone(nnx.state(model, nnx.BatchStat))
+    model.train()
+    out = nnx.jit(lambda s, x: s(x))(stem, images)
+    nnx.update(model, statistics)
+    model.eval()
+    rank, components = effective_rank(out)
+    return {"stem_rank": rank, "stem_components": components, "stem_channels": out.shape[-1]}
+
+
 def as_rows(stats: dict[str, dict[str, float]], ratios: dict[str, float]) -> list[dict]:
     """One row per attention layer, with its gradient ratio."""
     return [{"layer": path, **row, "grad_ratio": ratios.get(path)} for path, row in stats.items()]
 
 
-__all__ = ["as_rows", "attention_layers", "attention_stats", "gradient_ratios"]
+__all__ = [
+    "as_rows",
+    "attention_layers",
+    "attention_stats",
+    "effective_rank",
+    "gradient_ratios",
+    "stem_rank",
+]
