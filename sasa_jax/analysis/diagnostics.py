@@ -197,7 +197,9 @@ def stem_rank(model: nnx.Module, images: jax.Array) -> dict[str, float] | None:
     and the model is left in eval mode). ``{"stem_rank", "stem_components", "stem_channels"}``;
     None for a model without a stem (a classifier's ``stem`` or a detector's
     ``backbone.stem``)."""
-    stem = getattr(model, "stem", None) or getattr(getattr(model, "backbone", None), "stem", None)
+    stem = getattr(model, "stem", None)
+    if stem is None:
+        stem = getattr(getattr(model, "backbone", None), "stem", None)
     if stem is None:
         return None
     statistics = nnx.clone(nnx.state(model, nnx.BatchStat))
