@@ -66,10 +66,9 @@ def test_effective_rank_counts_the_directions_features_span():
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
     for k in (1, 3, 16):
-        # k uncorrelated directions of equal variance (exactly: orthonormal columns)
-        codes = np.linalg.qr(rng.normal(size=(400, k)))[0] * np.sqrt(400)
-        codes -= codes.mean(0)
-        codes = np.linalg.qr(codes)[0]
+        # k uncorrelated directions of equal variance: orthonormal zero-mean columns
+        codes = rng.normal(size=(400, k))
+        codes = np.linalg.qr(codes - codes.mean(0))[0]
         features = (codes @ basis[:k]).reshape(4, 10, 10, 16) + 3.0
         rank, components = diagnostics.effective_rank(features)
         assert rank == pytest.approx(k, rel=1e-6) and components == k
