@@ -47,6 +47,7 @@ def diagnose(workdir: str, steps=None, init=False, images=32, moved="stem") -> l
     config = run_record.load_config(workdir)
     task = tasks.make_task(config, config.model.num_classes)
     batch = _batch(task, config, images)
+    inputs = task.inputs(batch)
     rows = []
     states = restored_states(config, workdir, steps or "all", init=True)
     initial = None
@@ -60,11 +61,11 @@ def diagnose(workdir: str, steps=None, init=False, images=32, moved="stem") -> l
             rows += [{"step": step, "param": p, "moved": m} for p, m in movement.items()]
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         ratios = diagnostics.gradient_ratios(task, model, batch)
-        rank = diagnostics.stem_rank(model, task.inputs(batch))
+        rank = diagnostics.stem_rank(model, inputs)
         if rank is not None:
             rows.append({"step": step, **rank})
         model.eval()
-        stats = diagnostics.attention_stats(model, task.inputs(batch))
+        stats = diagnostics.attention_stats(model, inputs)
         rows += [{"step": step, **row} for row in diagnostics.as_rows(stats, ratios)]
         rows += [
             {"step": step, "part": name, "grad_ratio": ratio}

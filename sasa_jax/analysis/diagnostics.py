@@ -27,7 +27,9 @@ training moved each from where it started (do the stem's embeddings or relative 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -50,12 +52,17 @@ def _rms(x) -> float:
     return float(np.sqrt(np.mean(np.square(np.asarray(x, np.float64)))))
 
 
+def _entropy(p: np.ndarray) -> np.ndarray:
+    """The entropy (nats) of each distribution along the last axis; zero shares add 0."""
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(-1)
+
+
 def _entropy_fraction(weights: np.ndarray) -> tuple[float, float]:
     """Mean entropy over queries as a fraction of log(taps in the softmax), and the mean
     largest weight. ``weights`` ``[..., taps]`` (0 for taps outside the softmax)."""
     w = np.asarray(weights, np.float64)
     taps = np.maximum((w > 0).sum(-1), 2)
-    entropy = -(w * np.log(np.where(w > 0, w, 1.0))).sum(-1)
+    entropy = _entropy(w)
     return float(np.mean(entropy / np.log(taps))), float(np.mean(w.max(-1)))
 
 
@@ -80,8 +87,7 @@ def _mixture_entropy(layer: StemAttention | SlidingStemAttention) -> float | Non
     if layer.value_mixture is None:
         return None
     p = np.asarray(layer.mixture_weights(), np.float64)
-    entropy = -(p * np.log(np.maximum(p, 1e-30))).sum(-1)
-    return float(np.mean(entropy) / math.log(p.shape[-1]))
+    return float(np.mean(_entropy(p)) / math.log(p.shape[-1]))
 
 
 def attention_stats(model: nnx.Module, images: jax.Array) -> dict[str, dict[str, float]]:
@@ -123,6 +129,19 @@ def attention_stats(model: nnx.Module, images: jax.Array) -> dict[str, dict[str,
     return stats
 
 
+@contextlib.contextmanager
+def _train_mode(model: nnx.Module) -> Iterator[None]:
+    """Runs the block in train mode, then puts back the batch statistics a train-mode pass
+    moves and leaves ``model`` in eval mode."""
+    statistics = nnx.clone(nnx.state(model, nnx.BatchStat))
+    model.train()
+    try:
+        yield
+    finally:
+        nnx.update(model, statistics)
+        model.eval()
+
+
 def _norm(tree) -> float:
     leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
     return math.sqrt(sum(float(np.sum(x * x)) for x in leaves)) if leaves else 0.0
@@ -131,12 +150,11 @@ def _norm(tree) -> float:
 def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
     """``|grad| / |weights|`` of ``task.loss`` on ``batch`` (train mode), per top-level part
     of ``model`` (``stem``, ``stages/0``, ..., ``fpn``, ``class_head``) and per attention
-    layer (its path). ``model``'s batch statistics are left as they were."""
-    statistics = nnx.clone(nnx.state(model, nnx.BatchStat))  # the train-mode pass moves them
-    model.train()
-    images = task.inputs(batch)
-    grads = nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
-    nnx.update(model, statistics)
+    layer (its path). ``model``'s batch statistics are left as they were, and it is left in
+    eval mode."""
+    with _train_mode(model):
+        images = task.inputs(batch)
+        grads = nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
     params = nnx.state(model, nnx.Param)
     flat_g = dict(nnx.to_flat_state(grads))
     flat_w = dict(nnx.to_flat_state(params))
@@ -153,7 +171,6 @@ def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
     for name, keys in groups.items():
         weights = _norm([flat_w[k].get_value() for k in keys])
         ratios[name] = _norm([flat_g[k].get_value() for k in keys]) / max(weights, 1e-30)
-    model.eval()
     return ratios
 
 
@@ -186,8 +203,7 @@ def effective_rank(features) -> tuple[float, int]:
     if total <= 1e-12 * np.sum(np.square(raw)):  # constant up to rounding
         return 0.0, 0
     share = variance / total
-    entropy = -(share * np.log(np.where(share > 0, share, 1.0))).sum()
-    return float(np.exp(entropy)), int(np.searchsorted(np.cumsum(share), 0.99) + 1)
+    return float(np.exp(_entropy(share))), int(np.searchsorted(np.cumsum(share), 0.99) + 1)
 
 
 def stem_rank(model: nnx.Module, images: jax.Array) -> dict[str, float] | None:
@@ -202,11 +218,8 @@ def stem_rank(model: nnx.Module, images: jax.Array) -> dict[str, float] | None:
         stem = getattr(getattr(model, "backbone", None), "stem", None)
     if stem is None:
         return None
-    statistics = nnx.clone(nnx.state(model, nnx.BatchStat))
-    model.train()
-    out = nnx.jit(lambda s, x: s(x))(stem, images)
-    nnx.update(model, statistics)
-    model.eval()
+    with _train_mode(model):
+        out = nnx.jit(lambda s, x: s(x))(stem, images)
     rank, components = effective_rank(out)
     return {"stem_rank": rank, "stem_components": components, "stem_channels": out.shape[-1]}
 
