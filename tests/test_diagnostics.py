@@ -108,8 +108,9 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     config.num_train_steps = 2
     config.eval_every_steps = 2
     config.checkpoint_every_steps = 2
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
-    rows = diagnose.diagnose(str(tmp_path / "run"), [2], init=True, images=8)  # a listed step
+    run = str(tmp_path / "run")
+    loop.train_and_evaluate(config, run)
+    rows = diagnose.diagnose(run, [2], init=True, images=8, shift_images=80)  # a listed step
     steps = {row["step"] for row in rows}
     assert steps == {0, 2}
     stem = [r for r in rows if r.get("layer") == "stem/attention"]
@@ -118,9 +119,7 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     moved = {r["param"]: r["moved"] for r in rows if "param" in r}
     assert {r["step"] for r in rows if "param" in r} == {2}
     assert all(path.startswith("stem/") for path in moved)
-    (_, _, _, start), (_, _, _, end) = loop.restored_states(
-        config, str(tmp_path / "run"), [2], True
-    )
+    (_, _, _, start), (_, _, _, end) = loop.restored_states(config, run, [2], True)
     for name in ("emb_row", "value_mixture"):
         w0 = np.asarray(start.params["stem"]["attention"][name].get_value())
         w2 = np.asarray(end.params["stem"]["attention"][name].get_value())
@@ -134,6 +133,15 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     assert set(ranks) == {0, 2} and all(r["stem_channels"] == 16 for r in ranks.values())
     for r in ranks.values():
         assert 0 < r["stem_rank"] <= 16 and 1 <= r["stem_components"] <= 16
+    moves = {r["step"]: r for r in rows if "shift_images" in r}
+    assert set(moves) == {0, 2} and all(r["shift_images"] == 80 for r in moves.values())
+    for r in moves.values():  # the paper's stem: tiles on its own grid
+        assert r["stem_shift_cell"] == pytest.approx(0.0, abs=1e-6) and r["stem_shift_1"] > 0
+        assert 0.0 <= r["all_phases"] <= r["consistency"] <= 1.0
+        assert r["phase_top1_min"] <= r["phase_top1_max"]
+    assert "moved back one cell" in diagnose._format(rows)
     json.dumps(rows)  # what --json prints
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
-        diagnose.diagnose(str(tmp_path / "run"), [3], images=8)
+        diagnose.diagnose(run, [3], images=8)
+    with pytest.raises(ValueError, match="--shift_images must be 0"):
+        diagnose.diagnose(run, [2], shift_images=-1)

@@ -130,7 +130,7 @@ def attention_stats(model: nnx.Module, images: jax.Array) -> dict[str, dict[str,
 
 
 @contextlib.contextmanager
-def _train_mode(model: nnx.Module) -> Iterator[None]:
+def train_mode(model: nnx.Module) -> Iterator[None]:
     """Runs the block in train mode, then puts back the batch statistics a train-mode pass
     moves and leaves ``model`` in eval mode."""
     statistics = nnx.clone(nnx.state(model, nnx.BatchStat))
@@ -152,7 +152,7 @@ def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
     of ``model`` (``stem``, ``stages/0``, ..., ``fpn``, ``class_head``) and per attention
     layer (its path). ``model``'s batch statistics are left as they were, and it is left in
     eval mode."""
-    with _train_mode(model):
+    with train_mode(model):
         images = task.inputs(batch)
         grads = nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
     params = nnx.state(model, nnx.Param)
@@ -206,6 +206,14 @@ def effective_rank(features) -> tuple[float, int]:
     return float(np.exp(_entropy(share))), int(np.searchsorted(np.cumsum(share), 0.99) + 1)
 
 
+def stem_of(model: nnx.Module) -> nnx.Module | None:
+    """A classifier's ``stem`` or a detector's ``backbone.stem``; None for neither."""
+    stem = getattr(model, "stem", None)
+    if stem is None:
+        stem = getattr(getattr(model, "backbone", None), "stem", None)
+    return stem
+
+
 def stem_rank(model: nnx.Module, images: jax.Array) -> dict[str, float] | None:
     """How many directions the stem passes on: ``effective_rank`` of the stem's output
     ``[b, h, w, channels]`` on normalised ``images`` ``[b, H, W, 3]``, as the first stage sees
@@ -213,12 +221,10 @@ def stem_rank(model: nnx.Module, images: jax.Array) -> dict[str, float] | None:
     and the model is left in eval mode). ``{"stem_rank", "stem_components", "stem_channels"}``;
     None for a model without a stem (a classifier's ``stem`` or a detector's
     ``backbone.stem``)."""
-    stem = getattr(model, "stem", None)
-    if stem is None:
-        stem = getattr(getattr(model, "backbone", None), "stem", None)
+    stem = stem_of(model)
     if stem is None:
         return None
-    with _train_mode(model):
+    with train_mode(model):
         out = nnx.jit(lambda s, x: s(x))(stem, images)
     rank, components = effective_rank(out)
     return {"stem_rank": rank, "stem_components": components, "stem_channels": out.shape[-1]}
@@ -235,5 +241,7 @@ __all__ = [
     "attention_stats",
     "effective_rank",
     "gradient_ratios",
+    "stem_of",
     "stem_rank",
+    "train_mode",
 ]
