@@ -152,9 +152,12 @@ def gradient_ratios(task, model: nnx.Module, batch: dict) -> dict[str, float]:
     of ``model`` (``stem``, ``stages/0``, ..., ``fpn``, ``class_head``) and per attention
     layer (its path). ``model``'s batch statistics are left as they were, and it is left in
     eval mode."""
-    with train_mode(model):
-        images = task.inputs(batch)
-        grads = nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
+
+    def loss_grads(model, images, batch):
+        return nnx.grad(lambda m: task.loss(m, images, batch)[0])(model)
+
+    with train_mode(model):  # compiled: op by op, a model's backward takes tens of seconds
+        grads = nnx.jit(loss_grads)(model, task.inputs(batch), batch)
     params = nnx.state(model, nnx.Param)
     flat_g = dict(nnx.to_flat_state(grads))
     flat_w = dict(nnx.to_flat_state(params))
