@@ -132,11 +132,39 @@ def test_patch_stem_is_a_conv_on_each_tile():
         stem(x[:, :10])
 
 
+def test_a_wider_patch_kernel_sees_each_tile_centred_in_an_overlapping_window():
+    """kernel=8, block=4: output (i, j) is ReLU(BN(W . x[4i-2 : 4i+6, 4j-2 : 4j+6])), zeros
+    outside the image, by hand from a padded copy; the output size stays (h / 4, w / 4)."""
+    stem = PatchStem(2, 8, block=4, kernel=8, rngs=nnx.Rngs(1))
+    stem.eval()
+    x = jax.random.normal(jax.random.key(2), (2, 12, 16, 2))
+    padded = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    windows = jnp.stack(
+        [
+            jnp.stack([padded[:, 4 * i : 4 * i + 8, 4 * j : 4 * j + 8] for j in range(4)], 1)
+            for i in range(3)
+        ],
+        1,
+    )  # [b, i, j, 8, 8, c]
+    reference = jnp.einsum("bijklc,klco->bijo", windows, stem.conv.kernel[...])
+    reference = jax.nn.relu(reference / jnp.sqrt(1.0 + stem.norm.epsilon))
+    chex.assert_trees_all_close(stem(x), reference, rtol=1e-5, atol=1e-5)
+    assert module_flops(stem, 12, 16) == (2 * 3 * 4 * 64 * 2 * 8, 3, 4)
+    with pytest.raises(ValueError, match="kernel >= block"):
+        PatchStem(2, 8, block=4, kernel=3, rngs=nnx.Rngs(1))
+
+
 def test_patch_stem_spec_swaps_only_the_stem():
     full = _abstract(depth=26, variant="full_attention")
     patch = _abstract(depth=26, variant="full_attention", stem="patch")
     assert isinstance(patch.stem, PatchStem) and patch.stem.block == 4
     assert _params(patch) - (4 * 4 * 3 * 64 + 2 * 64) == _params(full) - _params(full.stem)
+    wide = _abstract(depth=26, variant="full_attention", stem="patch", stem_patch_kernel=12)
+    assert _params(wide) - _params(patch) == (12 * 12 - 4 * 4) * 3 * 64
+    with pytest.raises(ValueError, match="applies to the patch stem"):
+        ModelSpec(variant="full_attention", stem_patch_kernel=8)
+    with pytest.raises(ValueError, match="0 or >= stem_block"):
+        ModelSpec(variant="full_attention", stem="patch", stem_patch_kernel=2)
 
 
 def test_per_stage_choice_and_pass_through():

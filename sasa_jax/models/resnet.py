@@ -79,7 +79,10 @@ class PatchStem(nnx.Module):
     """A block x block stride-block conv (no bias), BN, ReLU: ``[b,224,224,3] -> [b,56,56,w]``
     at block 4. Not in the paper: the conv counterpart of ``AttentionStem``'s geometry (each
     output sees one non-overlapping block x block tile of pixels), a control for how much of
-    the attention stem's gap to the conv stem is its geometry rather than its attention."""
+    the attention stem's gap to the conv stem is its geometry rather than its attention.
+    ``kernel > block`` (0: ``block``) widens each output's window to kernel x kernel pixels
+    at the same stride, centred on its tile (zero padding ``(kernel - block) // 2`` before,
+    the rest after): windows that overlap their neighbours', with the output size kept."""
 
     def __init__(
         self,
@@ -87,13 +90,17 @@ class PatchStem(nnx.Module):
         out_features: int = 64,
         *,
         block: int = 4,
+        kernel: int = 0,
         norm: Norm = Norm(),
         rngs: nnx.Rngs,
     ):
-        if block < 1:
-            raise ValueError(f"block must be >= 1, got {block}")
+        kernel = kernel or block
+        if block < 1 or kernel < block:
+            raise ValueError(f"need block >= 1 and kernel >= block, got {block} and {kernel}")
         self.in_features, self.out_features, self.block = in_features, out_features, block
-        self.conv = _stem_conv(in_features, out_features, block, block, "VALID", norm, rngs)
+        before = (kernel - block) // 2
+        pads = [(before, kernel - block - before)] * 2
+        self.conv = _stem_conv(in_features, out_features, kernel, block, pads, norm, rngs)
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:

@@ -70,6 +70,9 @@ class ModelSpec:
     # > 0: not the paper's stem; the conv stem's geometry with a stem_window x stem_window
     # stride-2 attention for its conv (models.AttentionStem); spatially-aware values only
     stem_window: int = 0
+    # > 0: the patch stem's kernel (0: stem_block, non-overlapping tiles); larger overlaps its
+    # neighbours' windows at the same stride (not in the paper: a control for the tiles)
+    stem_patch_kernel: int = 0
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> ModelSpec:
@@ -96,6 +99,7 @@ class ModelSpec:
         if self.resolved_stem() not in STEMS:
             raise ValueError(f"model.stem must be one of {STEMS}, got {self.stem!r}")
         self._check_stem_window()
+        self._check_stem_patch_kernel()
         for stage in self.resolved_attention_stages():
             width = _scaled(STAGE_WIDTHS[stage - 1], self.width_multiplier)
             if width % self.num_heads or (width // self.num_heads) % 2:
@@ -104,6 +108,19 @@ class ModelSpec:
                     "heads of even size"
                 )
         _scaled(64, self.width_multiplier)
+
+    def _check_stem_patch_kernel(self) -> None:
+        if self.stem_patch_kernel and self.resolved_stem() != "patch":
+            raise ValueError(
+                f"model.stem_patch_kernel={self.stem_patch_kernel} applies to the patch stem, "
+                f"but this model's stem is {self.resolved_stem()!r}: use stem='patch', or "
+                "stem_patch_kernel=0"
+            )
+        if self.stem_patch_kernel and self.stem_patch_kernel < self.stem_block:
+            raise ValueError(
+                f"model.stem_patch_kernel must be 0 or >= stem_block ({self.stem_block}), got "
+                f"{self.stem_patch_kernel}"
+            )
 
     def _check_stem_window(self) -> None:
         if self.stem_window < 0:
@@ -183,7 +200,9 @@ def build_model(
             **dtypes,
         )
     elif spec.resolved_stem() == "patch":
-        stem = functools.partial(PatchStem, norm=norm, block=spec.stem_block)
+        stem = functools.partial(
+            PatchStem, norm=norm, block=spec.stem_block, kernel=spec.stem_patch_kernel
+        )
     else:
         stem = functools.partial(ConvStem, norm=norm)
     return ResNet(
