@@ -87,12 +87,13 @@ def diagnose(
             movement = diagnostics.parameter_movement(initial, state.params, moved)
             rows += [{"step": step, "param": p, "moved": m} for p, m in movement.items()]
         model = nnx.merge(graphdef, state.params, state.batch_stats)
+        # first: too few --shift_images is an error before anything compiles
+        if shift := _shift_row(model, task, test):
+            rows.append({"step": step, "shift_images": len(test["image"]), **shift})
         ratios = diagnostics.gradient_ratios(task, model, batch)
         rank = diagnostics.stem_rank(model, inputs)
         if rank is not None:
             rows.append({"step": step, **rank})
-        if shift := _shift_row(model, task, test):
-            rows.append({"step": step, "shift_images": len(test["image"]), **shift})
         model.eval()
         stats = diagnostics.attention_stats(model, inputs)
         rows += [{"step": step, **row} for row in diagnostics.as_rows(stats, ratios)]

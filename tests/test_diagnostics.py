@@ -145,3 +145,5 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
         diagnose.diagnose(run, [3], images=8)
     with pytest.raises(ValueError, match="--shift_images must be 0"):
         diagnose.diagnose(run, [2], shift_images=-1)
+    with pytest.raises(ValueError, match="at least 74 images .* not 8: raise --shift_images"):
+        diagnose.diagnose(run, [2], images=8, shift_images=8)
