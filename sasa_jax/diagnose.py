@@ -40,7 +40,11 @@ def _batch(task, config, count: int) -> dict:
     records = data.load_dataset_from_config(config).train
     augment = task.augment()
     rng = np.random.default_rng(0)
-    examples = [augment.example(records[i], rng) for i in range(min(count, len(records)))]
+    return _stacked([augment.example(records[i], rng) for i in range(min(count, len(records)))])
+
+
+def _stacked(examples: list[dict]) -> dict:
+    """Examples stacked into one batch along a new leading axis."""
     return jax.tree.map(lambda *xs: np.stack(xs), *examples)
 
 
@@ -48,16 +52,14 @@ def _test_batch(task, config, count: int) -> dict:
     """The first ``count`` test (eval split) examples, prepared as for evaluation."""
     records = data.load_dataset_from_config(config).eval
     example = task.eval_example()
-    examples = [example(i, records[i]) for i in range(min(count, len(records)))]
-    return jax.tree.map(lambda *xs: np.stack(xs), *examples)
+    return _stacked([example(i, records[i]) for i in range(min(count, len(records)))])
 
 
-def _shift_row(model, task, test: dict | None) -> dict:
-    """``shifts.stem_shift_change`` on the test images, and for a classifier
-    ``shifts.phase_consistency``; empty without test images."""
+def _shift_row(model, test: dict | None, inputs) -> dict:
+    """``shifts.stem_shift_change`` on the normalised test images ``inputs``, and for a
+    classifier ``shifts.phase_consistency``; empty without test images."""
     if test is None:
         return {}
-    inputs = task.inputs(test)
     row = shifts.stem_shift_change(model, inputs) or {}
     return row | (shifts.phase_consistency(model, inputs, test.get("label")) or {})
 
@@ -75,6 +77,7 @@ def diagnose(
     batch = _batch(task, config, images)
     inputs = task.inputs(batch)
     test = _test_batch(task, config, shift_images) if shift_images else None
+    test_inputs = task.inputs(test) if test is not None else None
     rows = []
     states = restored_states(config, workdir, steps or "all", init=True)
     initial = None
@@ -88,7 +91,7 @@ def diagnose(
             rows += [{"step": step, "param": p, "moved": m} for p, m in movement.items()]
         model = nnx.merge(graphdef, state.params, state.batch_stats)
         # first: too few --shift_images is an error before anything compiles
-        if shift := _shift_row(model, task, test):
+        if shift := _shift_row(model, test, test_inputs):
             rows.append({"step": step, "shift_images": len(test["image"]), **shift})
         ratios = diagnostics.gradient_ratios(task, model, batch)
         rank = diagnostics.stem_rank(model, inputs)
