@@ -65,7 +65,9 @@ def test_stems_are_equivariant_on_their_own_grid_and_move_between_its_cells(vari
     statistics are untouched, and it is left in eval mode."""
     model = _model(variant=variant, stem_zero_query=False)
     before = nnx.clone(nnx.state(model, nnx.BatchStat))
-    change = shifts.stem_shift_change(model, _digits_like(count=24, size=48))
+    images = _digits_like(count=24, size=48)
+    assert shifts.stem_stride(model, images) == 4
+    change = shifts.stem_shift_change(model, images)
     chex.assert_trees_all_equal(nnx.state(model, nnx.BatchStat), before)
     assert model.stem.norm.use_running_average
     assert change["stem_shift_cell"] == pytest.approx(0.0, abs=1e-6)
@@ -93,7 +95,11 @@ def test_phase_consistency_counts_the_phases_by_hand():
     images = np.zeros((3, 12, 12, 3), np.float32)
     columns = np.array([1, 4, 6])
     images[np.arange(3), 5, columns] = 1.0
-    result = shifts.phase_consistency(_BrightestColumn(), jnp.asarray(images), columns % 4)
+    result = shifts.phase_consistency(
+        _BrightestColumn(), jnp.asarray(images), columns % 4, stride=4
+    )
     assert result == pytest.approx(
         {"consistency": 3 / 15, "all_phases": 0.0, "phase_top1_min": 0.0, "phase_top1_max": 1.0}
     )
+    with pytest.raises(ValueError, match="no stem to take the stride from"):
+        shifts.phase_consistency(_BrightestColumn(), jnp.asarray(images))

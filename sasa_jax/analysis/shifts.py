@@ -90,6 +90,22 @@ def _check_enough(count: int, cells: int, channels: int) -> None:
         )
 
 
+def _stem_out_shape(stem: nnx.Module, images: jax.Array) -> tuple[int, ...]:
+    """The stem's output shape ``[1, h, w, c]`` on one of ``images``, traced (in eval mode,
+    batch norm reads its statistics: tracing the shape moves nothing)."""
+    return jax.eval_shape(lambda x: stem(x), images[:1]).shape
+
+
+def stem_stride(model: nnx.Module, images: jax.Array) -> int | None:
+    """How many input rows ``images [b, H, W, 3]`` give per row of the model's stem output
+    (``H // h``); None for a model without a stem. Leaves the model in eval mode."""
+    stem = stem_of(model)
+    if stem is None:
+        return None
+    model.eval()
+    return images.shape[1] // _stem_out_shape(stem, images)[1]
+
+
 def stem_shift_change(
     model: nnx.Module, images: jax.Array, pixels=(1, 2, 3)
 ) -> dict[str, float] | None:
@@ -107,8 +123,8 @@ def stem_shift_change(
     stem = stem_of(model)
     if stem is None:
         return None
-    model.eval()  # batch norm reads its statistics: tracing the shape moves nothing
-    _, h, w, c = jax.eval_shape(lambda x: stem(x), images[:1]).shape
+    model.eval()
+    _, h, w, c = _stem_out_shape(stem, images)
     _check_enough(images.shape[0], (h - 2 * MARGIN) * (w - 2 * MARGIN), c)
     stride = images.shape[1] // h
     moves = [(p, 0) for p in pixels] + [(0, p) for p in pixels] + [(stride, stride)]
@@ -133,18 +149,26 @@ def stem_shift_change(
 
 
 def phase_consistency(
-    model: nnx.Module, images: jax.Array, labels: np.ndarray | None = None, stride: int = 4
+    model: nnx.Module,
+    images: jax.Array,
+    labels: np.ndarray | None = None,
+    stride: int | None = None,
 ) -> dict[str, float] | None:
     """The classifier's answers on normalised ``images [b, H, W, 3]`` at each of the
     ``stride x stride`` phases (moved down by ``dy`` and right by ``dx``, ``0 <= dy, dx <
-    stride``), in eval mode: ``consistency``, the share of (image, moved phase) whose class is
-    the unmoved image's; ``all_phases``, the share of images with one class at every phase; and
-    with ``labels [b]``, ``phase_top1_min`` / ``phase_top1_max``, the top-1 at the worst and best
-    phase. None for a model whose output is not logits ``[b, classes]`` (a detector)."""
+    stride``; by default the stem's stride, ``stem_stride``), in eval mode: ``consistency``,
+    the share of (image, moved phase) whose class is the unmoved image's; ``all_phases``, the
+    share of images with one class at every phase; and with ``labels [b]``, ``phase_top1_min``
+    / ``phase_top1_max``, the top-1 at the worst and best phase. None for a model whose
+    output is not logits ``[b, classes]`` (a detector); a ``ValueError`` for a model without a
+    stem and no ``stride``."""
     model.eval()
     forward = nnx.jit(lambda m, x: m(x))
     if not isinstance(jax.eval_shape(lambda x: model(x), images[:1]), jax.ShapeDtypeStruct):
         return None
+    stride = stride or stem_stride(model, images)
+    if stride is None:
+        raise ValueError("this model has no stem to take the stride from: pass stride=")
     phases = [(dy, dx) for dy in range(stride) for dx in range(stride)]
     answers = np.stack(
         [np.asarray(jnp.argmax(forward(model, shifted(images, *p)), -1)) for p in phases]
@@ -157,4 +181,4 @@ def phase_consistency(
     return result
 
 
-__all__ = ["phase_consistency", "shifted", "stem_shift_change"]
+__all__ = ["phase_consistency", "shifted", "stem_shift_change", "stem_stride"]
