@@ -162,6 +162,31 @@ def test_implementations_listed():
     assert "pallas" not in sasa_jax.attention_implementations("cpu")
 
 
+@pytest.mark.parametrize("implementation", ["gather", "dense", "tiled"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_pure_jax_matmuls_are_exact_in_float32_only(implementation, weights):
+    """Every matmul of the pure-JAX passes (output, weights, all gradients), as lowered, asks
+    for HIGHEST precision on float32 inputs, where a GPU's default is TF32 and a TPU's bf16
+    (on an H200 that put the gathered weights 3e-3 off the kernel's), and for the backend's
+    default on bfloat16 ones. The Pallas kernels choose per matmul; CPU ignores the setting,
+    so this checks the request."""
+    q, k, v, tables = random_inputs(0, (6, 7), window=3, border="mask", rel="rel")
+
+    def loss(q, k, v, rel_row, rel_col):
+        out = local_attention(
+            q, k, v, window=3, rel_row=rel_row, rel_col=rel_col,
+            implementation=implementation, return_weights=weights,
+        )  # fmt: skip
+        return sum(x.astype(jnp.float32).sum() for x in jax.tree.leaves(out))
+
+    for dtype, asked in ((jnp.float32, "HIGHEST"), (jnp.bfloat16, "DEFAULT")):
+        args = [x.astype(dtype) for x in (q, k, v, tables["rel_row"], tables["rel_col"])]
+        text = jax.jit(jax.grad(loss, argnums=range(5))).lower(*args).as_text()
+        dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        assert len(dots) >= 8  # the forward's and the five gradients' matmuls
+        assert all(f"precision = [{asked}, {asked}]" in line for line in dots), dots
+
+
 CHUNKING = {
     # (implementation, module, {constant: value}): force each way an implementation splits
     # a batch (for tiled and dense: into loop steps of whole images, of rows of tiles, or of

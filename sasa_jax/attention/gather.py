@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sasa_jax.attention.dtypes import softmax_dtype
+from sasa_jax.attention.dtypes import exact_matmuls, softmax_dtype
 from sasa_jax.attention.registry import Implementation, register
 from sasa_jax.attention.windows import AxisWindow
 
@@ -89,9 +89,10 @@ def _one_head(q, k, v, rel_row, rel_col, *, rows: AxisWindow, cols: AxisWindow):
 def gather_attention(q, k, v, rel_row, rel_col, rows, cols, return_weights):
     """``local_attention`` by explicit windows; arguments are already checked."""
     per_head = functools.partial(_one_head, rows=rows, cols=cols)
-    out, weights = jax.vmap(per_head, in_axes=(3, 3, 3, None, None), out_axes=3)(
-        q, k, v, rel_row, rel_col
-    )
+    with exact_matmuls(q.dtype):
+        out, weights = jax.vmap(per_head, in_axes=(3, 3, 3, None, None), out_axes=3)(
+            q, k, v, rel_row, rel_col
+        )
     return (out, weights) if return_weights else out
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sasa_jax.attention import tiles
-from sasa_jax.attention.dtypes import softmax_dtype
+from sasa_jax.attention.dtypes import exact_matmuls, softmax_dtype
 from sasa_jax.attention.registry import Implementation, Kernel, register
 from sasa_jax.attention.tiles import MASKED, AxisTiles, Plan, plan, tap_keys
 from sasa_jax.attention.windows import AxisWindow, tap_weights
@@ -333,7 +333,8 @@ def _kernel(tiled: bool) -> Kernel:
     def forward(q, k, v, rel_row, rel_col, rows, cols, platform):
         p = plan(rows, cols, _tile(rows, tiled), batch=q.shape[0], heads=q.shape[3])
         rel = () if rel_row is None else (rel_row, rel_col)
-        out, lse, _ = _forward(q, k, v, rel, p, with_weights=False)
+        with exact_matmuls(q.dtype):
+            out, lse, _ = _forward(q, k, v, rel, p, with_weights=False)
         return out, lse[:, : q.shape[1], : q.shape[2]].astype(jnp.float32)
 
     def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, platform):
@@ -341,7 +342,8 @@ def _kernel(tiled: bool) -> Kernel:
         rel = () if rel_row is None else (rel_row, rel_col)
         dtype = softmax_dtype(q.dtype)
         delta = jnp.sum(d_out.astype(dtype) * out.astype(dtype), axis=-1)  # [b, H, W, h]
-        d_q, d_k, d_v, d_rel = _backward_pass(q, k, v, rel, d_out, lse.astype(dtype), delta, p)
+        with exact_matmuls(q.dtype):
+            d_q, d_k, d_v, d_rel = _backward_pass(q, k, v, rel, d_out, lse.astype(dtype), delta, p)
         d_row, d_col = d_rel if rel else (None, None)
         return d_q, d_k, d_v, d_row, d_col
 
@@ -355,7 +357,8 @@ def _with_weights(tiled: bool):
     def fn(q, k, v, rel_row, rel_col, rows, cols, return_weights):
         p = plan(rows, cols, _tile(rows, tiled), batch=q.shape[0], heads=q.shape[3])
         rel = () if rel_row is None else (rel_row, rel_col)
-        out, _, weights = _forward(q, k, v, rel, p, with_weights=True)
+        with exact_matmuls(q.dtype):
+            out, _, weights = _forward(q, k, v, rel, p, with_weights=True)
         return (out, _tap_weights(weights, p)) if return_weights else out
 
     return fn
