@@ -1,7 +1,8 @@
-"""The op, forward and backward, compiles for TPU (v5e) and H100 in float32 and bfloat16, on one
-device and under a plain ``jax.jit`` over four with a batch-sharded input: at the four
-ResNet-50 stage shapes (k=7, 8 heads, relative tables) and the attention stem's (4x4 blocks of
-a 224x224 map, 4 heads of 16), in one program per case."""
+"""The op's Pallas kernel, forward and backward, compiles for TPU (v5e) and H100 in float32 and
+bfloat16, on one device and under a plain ``jax.jit`` over four with a batch-sharded input: at
+the four ResNet-50 stage shapes (k=7, 8 heads, relative tables) and the attention stem's (4x4
+blocks of a 224x224 map, 4 heads of 16), in one program per case. (``auto`` takes the kernel on
+every TPU shape, and on a GPU only where the map fits in one window.)"""
 
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ def _operands(dtype, batch, sharding, replicated):
 def _loss(stages, stem):
     total = 0.0
     for q, k, v, rr, rc in stages:
-        out = sasa_jax.local_attention(q, k, v, window=7, rel_row=rr, rel_col=rc)
+        out = sasa_jax.local_attention(
+            q, k, v, window=7, rel_row=rr, rel_col=rc, implementation="pallas"
+        )
         total += jnp.sum(out.astype(jnp.float32) ** 2)
     q, k, v, rr, rc = stem
-    out = sasa_jax.block_attention(q, k, v, block=4, rel_row=rr, rel_col=rc)
+    out = sasa_jax.block_attention(
+        q, k, v, block=4, rel_row=rr, rel_col=rc, implementation="pallas"
+    )
     return total + jnp.sum(out.astype(jnp.float32) ** 2)
 
 
@@ -65,10 +70,11 @@ def test_op_forward_and_backward_compile(platform, dtype, count, devices_of):
 
 def test_auto_compiles_pure_jax_for_a_gpu_before_ampere():
     """Pallas's Triton path needs compute capability 8.0: for a T4 (7.5, Colab's free GPU)
-    ``auto`` compiles the op with a pure-JAX implementation, and an H100 gets the kernel."""
+    ``auto`` compiles the op with a pure-JAX implementation, and an H100 gets the kernel (on a
+    7x7 map in a 7x7 window: on larger maps ``auto`` takes "tiled" on every GPU)."""
     from sasa_jax.analysis import targets
 
-    x = jax.ShapeDtypeStruct((2, 28, 28, 8, 16), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 7, 7, 8, 16), jnp.bfloat16)
     table = jax.ShapeDtypeStruct((7, 8), jnp.bfloat16)
 
     def loss(q, k, v, rr, rc):

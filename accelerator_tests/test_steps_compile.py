@@ -20,6 +20,7 @@ def test_digits_train_step_compiles_in_bf16(platform, deterministic, devices_of)
     config.half_precision = True
     config.deterministic_reductions = deterministic
     (report,) = compile_steps(config, devices_of(platform, 4), 16, steps=("train",))
-    # 8 SASA layers in the digits model, each with a forward and a backward kernel.
-    assert report.kernels >= 16
+    # 8 SASA layers in the digits model, each with a forward and a backward kernel on TPU; on a
+    # GPU ``auto`` runs the first stage's two (8x8 maps, 5x5 windows) as "tiled".
+    assert report.kernels >= (16 if platform == "tpu" else 12)
     assert 0 < report.peak < 2e9

@@ -286,17 +286,19 @@ def test_auto_picks_by_backend_and_map_size_and_takes_new_rules(monkeypatch):
         return axis_window(size, window, 1, "mask"), axis_window(size, window, 1, "mask")
 
     stages = [(7, 64), (14, 32), (28, 16), (56, 8)]
-    # CPU: the C++ kernel wherever it can be built (it can, on this project's machines); GPU
-    # and TPU: the Pallas kernels.
+    # CPU: the C++ kernel wherever it can be built (it can, on this project's machines); TPU:
+    # the Pallas kernel; GPU: the Pallas kernel where the map fits in one window, tiled on
+    # larger maps (as measured on an H200).
     for size, dim in stages:
         shape = (8, size, size, 8, dim)
         assert auto_choice(shape, *windows(size), backend="cpu") == "native"
-        assert auto_choice(shape, *windows(size), backend="gpu") == "pallas"
         assert auto_choice(shape, *windows(size), backend="tpu") == "pallas"
+        gpu = auto_choice(shape, *windows(size), backend="gpu")
+        assert gpu == ("pallas" if size == 7 else "tiled"), size
     # A GPU before Ampere cannot run Pallas's Triton kernels: "auto" passes them over there.
-    for capability, expected in (("7.5", "tiled"), ("7.0", "tiled"), ("8.0", "pallas")):
+    for capability, expected in (("7.5", "dense"), ("7.0", "dense"), ("8.0", "pallas")):
         gpu = types.SimpleNamespace(platform="gpu", compute_capability=capability)
-        assert auto_choice((8, 28, 28, 8, 16), *windows(28), "gpu", gpu) == expected, capability
+        assert auto_choice((8, 7, 7, 8, 64), *windows(7), "gpu", gpu) == expected, capability
     # Without them: dense on small maps, tiled on large ones (on GPU dense only where the map
     # fits in one window, as measured on an H100).
     for name in ("native", "pallas"):
@@ -316,12 +318,13 @@ def test_auto_picks_by_backend_and_map_size_and_takes_new_rules(monkeypatch):
 
 def test_auto_is_chosen_per_lowering_platform():
     """One traced function: lowered for CPU it runs the C++ kernel, exported for TPU or CUDA
-    the Pallas kernel (Mosaic, Triton) and nothing of the CPU's."""
-    q = jax.ShapeDtypeStruct((2, 8, 8, 8, 8), jnp.float32)
-    rel = jax.ShapeDtypeStruct((3, 4), jnp.float32)
+    the Pallas kernel (Mosaic, Triton) and nothing of the CPU's. A 7x7 map in a 7x7 window:
+    on GPU the Triton kernel runs only where the map fits in one window."""
+    q = jax.ShapeDtypeStruct((2, 7, 7, 8, 8), jnp.float32)
+    rel = jax.ShapeDtypeStruct((7, 4), jnp.float32)
 
     def f(q, rel):
-        return local_attention(q, q, q, window=3, rel_row=rel, rel_col=rel)
+        return local_attention(q, q, q, window=7, rel_row=rel, rel_col=rel)
 
     cpu = jax.jit(f).lower(q, rel).as_text()
     assert "sasa_local_attention_forward" in cpu and "tpu_custom_call" not in cpu
