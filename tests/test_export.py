@@ -33,7 +33,9 @@ def _check(text: str, platform: str, attention: bool = True) -> None:
 
 def _op_grad(q, k, v, rel_row, rel_col):
     def loss(q, k, v, rel_row, rel_col):
-        out = sasa_jax.local_attention(q, k, v, window=7, rel_row=rel_row, rel_col=rel_col)
+        out = sasa_jax.local_attention(
+            q, k, v, window=7, rel_row=rel_row, rel_col=rel_col, implementation="pallas"
+        )
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, rel_row, rel_col)
@@ -43,7 +45,8 @@ def _op_grad(q, k, v, rel_row, rel_col):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("size, width", [(56, 64), (28, 128), (14, 256), (7, 512)])
 def test_op_forward_and_backward_export(platform, dtype, size, width):
-    """The ResNet-50 stage shapes, k=7, 8 heads, relative tables, batch 2."""
+    """The ResNet-50 stage shapes, k=7, 8 heads, relative tables, batch 2, by the kernel's name
+    (``auto`` takes it on every TPU shape, on a GPU only at 7x7)."""
     head = width // 8
     x = jax.ShapeDtypeStruct((2, size, size, 8, head), jnp.dtype(dtype))
     table = jax.ShapeDtypeStruct((7, head // 2), jnp.dtype(dtype))
@@ -70,7 +73,8 @@ def test_block_attention_exports(platform):
 @pytest.mark.parametrize("variant", ["baseline", "conv_stem_attention", "full_attention"])
 def test_train_step_of_the_table_1_variants_exports(variant):
     """The trainer's own step (bf16 compute, float32 parameters), ResNet-26 at 64x64, batch 2,
-    for CUDA and TPU."""
+    for CUDA and TPU, under ``auto`` (on CUDA the kernel runs the 4x4 and 2x2 stages and the
+    stem's blocks)."""
     config = config_lib.apply_model_arg(config_lib.default_config(), f"depth=26,variant={variant}")
     config.half_precision = True
     task = tasks.ClassificationTask(config, 1000)
