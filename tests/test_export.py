@@ -5,6 +5,7 @@ platform's kernel and no CPU custom call."""
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +92,35 @@ def test_train_step_of_the_table_1_variants_exports(variant):
     for platform in ("cuda", "tpu"):
         text = _export(step, platform, state, batch, rate)
         _check(text, platform, attention=variant != "baseline")
+
+
+def _context(*devices):
+    """A lowering context whose device assignment is ``devices``."""
+    axis_context = types.SimpleNamespace(device_assignment=list(devices))
+    return types.SimpleNamespace(module_context=types.SimpleNamespace(axis_context=axis_context))
+
+
+def test_gpu_lowerings_name_their_target_gpu():
+    """Pallas's Triton lowering reads the GPU's compute capability from the abstract mesh's
+    device from JAX 0.11 on: a CUDA lowering on this GPU-less host names the device compiled
+    for, else an H100; the CPU's (what ``jax.export`` assigns) is not a GPU to name. Other
+    platforms, and a context that names a device already, are left alone."""
+    from sasa_jax.attention import dispatch
+
+    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    cases = [
+        ("cuda", _context(), "NVIDIA H100"),
+        ("cuda", _context(jax.devices("cpu")[0]), "NVIDIA H100"),
+        ("cuda", _context(h100), "NVIDIA H100 80GB HBM3"),
+        ("rocm", _context(), "NVIDIA H100"),
+    ]
+    for platform, ctx, kind in cases:
+        with dispatch._gpu_target(platform, ctx):
+            device = jax.sharding.get_abstract_mesh().abstract_device
+            assert (device.device_kind, device.platform) == (kind, "gpu"), platform
+            with dispatch._gpu_target(platform, _context(h100)):  # named already: kept
+                assert jax.sharding.get_abstract_mesh().abstract_device.device_kind == kind
+    for platform in ("cpu", "tpu"):
+        with dispatch._gpu_target(platform, _context()):
+            assert jax.sharding.get_abstract_mesh().abstract_device is None
+    assert jax.sharding.get_abstract_mesh().abstract_device is None

@@ -16,6 +16,7 @@ slice at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -118,6 +119,29 @@ def _device(ctx):
     return None if devices is None else np.asarray(devices).flat[0]
 
 
+# The GPU a Triton kernel is lowered for when no GPU is attached and the context names none:
+# compute capability 9.0, as JAX before 0.11 assumed.
+DEFAULT_GPU = "NVIDIA H100"
+
+
+def _gpu_target(platform: str, ctx) -> contextlib.AbstractContextManager:
+    """For a CUDA or ROCm lowering on a host without a GPU (``jax.export``, or compile-only
+    devices): the abstract mesh's device set to the target -- the device compiled for, else
+    ``DEFAULT_GPU`` -- since Pallas's Triton lowering reads the compute capability from it
+    from JAX 0.11 on (before, it assumed 9.0). Nothing where a GPU is attached or the context
+    already names a device."""
+    current = jax.sharding.get_abstract_mesh()
+    if platform not in ("cuda", "rocm") or current.abstract_device is not None:
+        return contextlib.nullcontext()
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    target = _device(ctx)  # jax.export's is the host's CPU
+    on_gpu = getattr(target, "platform", None) in ("gpu", "cuda", "rocm")
+    kind = target.device_kind if on_gpu else DEFAULT_GPU
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform="gpu")
+    return jax.sharding.use_abstract_mesh(current.update(abstract_device=device))
+
+
 attention_p = core.Primitive("sasa_attention")
 attention_p.multiple_results = True
 attention_bwd_p = core.Primitive("sasa_attention_bwd")
@@ -147,7 +171,8 @@ def _forward_rule(platform: str):
     def rule(ctx, *args, static: Static):
         kernel = static.kernel(platform, ctx)
         fn = per_device(ctx, functools.partial(forward, static=static, kernel=kernel))
-        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+        with _gpu_target(platform, ctx):
+            return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
     return rule
 
@@ -168,7 +193,8 @@ def _backward_rule(platform: str):
     def rule(ctx, *args, static: Static):
         kernel = static.kernel(platform, ctx)
         fn = per_device(ctx, functools.partial(backward, static=static, kernel=kernel))
-        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+        with _gpu_target(platform, ctx):
+            return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
     return rule
 
