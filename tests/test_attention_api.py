@@ -249,6 +249,14 @@ def test_batch_chunks_match_reference(setting, border, monkeypatch):
     )
 
 
+def _step_budget(monkeypatch, logits: int) -> None:
+    """The tiled loop's logits per step, on a CPU host or an accelerator's."""
+    from sasa_jax.attention import tiles
+
+    monkeypatch.setattr(tiles, "CHUNK_ELEMENTS", logits)
+    monkeypatch.setattr(tiles, "ACCELERATOR_CHUNK_ELEMENTS", logits)
+
+
 def test_tiled_steps_take_rows_of_tiles_that_divide_the_image(monkeypatch):
     """The step sizing behind "tiled-2x2-two-rows": a 7x6 map has 4 rows of 2x2 tiles of
     3 tiles x 4 queries x 16 halo keys x 2 heads = 384 logits each. Room for 3 rows: steps
@@ -256,10 +264,10 @@ def test_tiled_steps_take_rows_of_tiles_that_divide_the_image(monkeypatch):
     from sasa_jax.attention import axis_window, tiles
 
     rows, cols = axis_window(7, 3, 1, "mask"), axis_window(6, 3, 1, "mask")
-    monkeypatch.setattr(tiles, "CHUNK_ELEMENTS", 3 * 384)
+    _step_budget(monkeypatch, 3 * 384)
     p = tiles.plan(rows, cols, 2, batch=3, heads=2)
     assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (1, 2, 4, 6)
-    monkeypatch.setattr(tiles, "CHUNK_ELEMENTS", 3 * 4 * 384)
+    _step_budget(monkeypatch, 3 * 4 * 384)
     p = tiles.plan(rows, cols, 2, batch=3, heads=2)
     assert (p.images, p.tile_rows, p.q_rows.tiles, p.steps) == (3, 4, 4, 1)
 
@@ -270,7 +278,7 @@ def test_steps_split_heads_when_a_row_of_tiles_does_not_fit(monkeypatch):
     from sasa_jax.attention import axis_window, tiles
 
     rows, cols = axis_window(5, 3, 1, "mask"), axis_window(6, 3, 1, "mask")
-    monkeypatch.setattr(tiles, "CHUNK_ELEMENTS", 400)
+    _step_budget(monkeypatch, 400)
     p = tiles.plan(rows, cols, 2, batch=3, heads=6)
     assert (p.images, p.tile_rows, p.heads, p.head_steps, p.steps) == (1, 1, 2, 3, 27)
     # The steps visit every (image, row of tiles, group of heads) once.
