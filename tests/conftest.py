@@ -30,10 +30,10 @@ def _compile_flags() -> tuple[str, ...]:
     """The XLA flags above that the installed jaxlib knows: XLA exits on an unknown one."""
     import jaxlib
 
-    version = tuple(int(part) for part in jaxlib.__version__.split(".")[:3])
-    if version >= (0, 11, 1):
-        return ("--xla_backend_optimization_level=0",)
-    return ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+    flags = ("--xla_backend_optimization_level=0",)
+    if tuple(int(part) for part in jaxlib.__version__.split(".")[:3]) < (0, 11, 1):
+        flags += ("--xla_cpu_use_fusion_emitters=false",)
+    return flags
 
 
 def pytest_configure(config):

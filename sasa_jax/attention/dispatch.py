@@ -131,9 +131,8 @@ def _gpu_target(platform: str, ctx) -> contextlib.AbstractContextManager:
     from JAX 0.11 on (before, it assumed 9.0). Nothing where a GPU is attached or the context
     already names a device."""
     current = jax.sharding.get_abstract_mesh()
-    if platform not in ("cuda", "rocm") or current.abstract_device is not None:
-        return contextlib.nullcontext()
-    if jax.default_backend() == "gpu":
+    named = current.abstract_device is not None
+    if platform not in ("cuda", "rocm") or named or jax.default_backend() == "gpu":
         return contextlib.nullcontext()
     target = _device(ctx)  # jax.export's is the host's CPU
     on_gpu = getattr(target, "platform", None) in ("gpu", "cuda", "rocm")
