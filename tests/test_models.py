@@ -154,6 +154,41 @@ def test_a_wider_patch_kernel_sees_each_tile_centred_in_an_overlapping_window():
         PatchStem(2, 8, block=4, kernel=3, rngs=nnx.Rngs(1))
 
 
+def test_conv_stem_average_pool_averages_each_window_inside_the_map():
+    """pool="avg": output (i, j) is the mean of the 3x3 window at (2i, 2j) of ReLU(BN(conv)),
+    over the pixels inside the map only (by hand from the unpooled map); "max" is the max."""
+    stems = {kind: ConvStem(2, 8, pool=kind, rngs=nnx.Rngs(1)) for kind in ("max", "avg")}
+    x = jax.random.normal(jax.random.key(2), (2, 14, 10, 2))
+    for stem in stems.values():
+        stem.eval()
+    unpooled = np.asarray(nnx.relu(stems["avg"].norm(stems["avg"].conv(x))))  # [2, 7, 5, 8]
+    h, w = unpooled.shape[1:3]
+    windows = [
+        [
+            unpooled[:, max(2 * i - 1, 0) : 2 * i + 2, max(2 * j - 1, 0) : 2 * j + 2]
+            for j in range(3)
+        ]
+        for i in range(4)
+    ]
+    mean = np.stack([np.stack([w_.mean((1, 2)) for w_ in row], 1) for row in windows], 1)
+    top = np.stack([np.stack([w_.max((1, 2)) for w_ in row], 1) for row in windows], 1)
+    assert (h, w) == (7, 5)
+    chex.assert_trees_all_close(stems["avg"](x), mean, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(stems["max"](x), top, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one of"):
+        ConvStem(2, 8, pool="min", rngs=nnx.Rngs(1))
+
+
+def test_stem_pool_spec_reaches_the_conv_stem_only():
+    model = _abstract(depth=26, variant="conv_stem_attention", stem_pool="avg")
+    assert isinstance(model.stem, ConvStem) and model.stem.pool == "avg"
+    assert _params(model) == _params(_abstract(depth=26, variant="conv_stem_attention"))
+    with pytest.raises(ValueError, match="applies to the conv stem"):
+        ModelSpec(variant="full_attention", stem_pool="avg")
+    with pytest.raises(ValueError, match="model.stem_pool must be one of"):
+        ModelSpec(stem_pool="sum")
+
+
 def test_patch_stem_spec_swaps_only_the_stem():
     full = _abstract(depth=26, variant="full_attention")
     patch = _abstract(depth=26, variant="full_attention", stem="patch")

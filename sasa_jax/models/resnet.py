@@ -55,24 +55,42 @@ def _stem_conv(in_features, out_features, size, strides, padding, norm: Norm, rn
     )
 
 
-def conv_stem_pool(x: Array) -> Array:
-    """The conv stem's 3x3 stride-2 max pool (padding 1): ``[b, h, w, c] -> [b, h/2, w/2, c]``
-    (sizes rounded up)."""
-    return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+STEM_POOLS = ("max", "avg")
+
+
+def conv_stem_pool(x: Array, kind: str = "max") -> Array:
+    """The conv stem's 3x3 stride-2 pool (padding 1): ``[b, h, w, c] -> [b, h/2, w/2, c]``
+    (sizes rounded up). ``kind="max"`` is the paper's (and ResNet's) max pool; ``"avg"`` (not
+    in the paper; a control) averages each window's pixels inside the map."""
+    window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
+    if kind == "max":
+        return nnx.max_pool(x, window, strides=strides, padding=padding)
+    if kind == "avg":
+        return nnx.avg_pool(x, window, strides=strides, padding=padding, count_include_pad=False)
+    raise ValueError(f"the conv stem's pool must be one of {STEM_POOLS}, got {kind!r}")
 
 
 class ConvStem(nnx.Module):
-    """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool: ``[b,224,224,3] -> [b,56,56,w]``."""
+    """7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max pool: ``[b,224,224,3] -> [b,56,56,w]``.
+    ``pool="avg"`` averages instead of taking the max (``conv_stem_pool``; not the paper's)."""
 
     def __init__(
-        self, in_features: int = 3, out_features: int = 64, *, norm: Norm = Norm(), rngs: nnx.Rngs
+        self,
+        in_features: int = 3,
+        out_features: int = 64,
+        *,
+        norm: Norm = Norm(),
+        pool: str = "max",
+        rngs: nnx.Rngs,
     ):
-        self.in_features, self.out_features = in_features, out_features
+        if pool not in STEM_POOLS:
+            raise ValueError(f"the conv stem's pool must be one of {STEM_POOLS}, got {pool!r}")
+        self.in_features, self.out_features, self.pool = in_features, out_features, pool
         self.conv = _stem_conv(in_features, out_features, 7, 2, [(3, 3)] * 2, norm, rngs)
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        return conv_stem_pool(nnx.relu(self.norm(self.conv(x))))
+        return conv_stem_pool(nnx.relu(self.norm(self.conv(x))), self.pool)
 
 
 class PatchStem(nnx.Module):

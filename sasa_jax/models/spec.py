@@ -13,6 +13,7 @@ from flax import nnx
 
 from sasa_jax.models.resnet import (
     STAGE_WIDTHS,
+    STEM_POOLS,
     AttentionStem,
     ConvStem,
     PatchStem,
@@ -73,6 +74,9 @@ class ModelSpec:
     # > 0: the patch stem's kernel (0: stem_block, non-overlapping tiles); larger overlaps its
     # neighbours' windows at the same stride (not in the paper: a control for the tiles)
     stem_patch_kernel: int = 0
+    # the conv stem's 3x3 stride-2 pool: "max" (the paper's) or "avg" (not in the paper: a
+    # control for what the max pool gives the conv stem)
+    stem_pool: str = "max"
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> ModelSpec:
@@ -100,6 +104,7 @@ class ModelSpec:
             raise ValueError(f"model.stem must be one of {STEMS}, got {self.stem!r}")
         self._check_stem_window()
         self._check_stem_patch_kernel()
+        self._check_stem_pool()
         for stage in self.resolved_attention_stages():
             width = _scaled(STAGE_WIDTHS[stage - 1], self.width_multiplier)
             if width % self.num_heads or (width // self.num_heads) % 2:
@@ -120,6 +125,15 @@ class ModelSpec:
             raise ValueError(
                 f"model.stem_patch_kernel must be 0 or >= stem_block ({self.stem_block}), got "
                 f"{self.stem_patch_kernel}"
+            )
+
+    def _check_stem_pool(self) -> None:
+        if self.stem_pool not in STEM_POOLS:
+            raise ValueError(f"model.stem_pool must be one of {STEM_POOLS}, got {self.stem_pool!r}")
+        if self.stem_pool != "max" and self.resolved_stem() != "conv":
+            raise ValueError(
+                f"model.stem_pool={self.stem_pool!r} applies to the conv stem, but this model's "
+                f"stem is {self.resolved_stem()!r}: use stem='conv', or stem_pool='max'"
             )
 
     def _check_stem_window(self) -> None:
@@ -204,7 +218,7 @@ def build_model(
             PatchStem, norm=norm, block=spec.stem_block, kernel=spec.stem_patch_kernel
         )
     else:
-        stem = functools.partial(ConvStem, norm=norm)
+        stem = functools.partial(ConvStem, norm=norm, pool=spec.stem_pool)
     return ResNet(
         STAGE_SIZES[spec.depth],
         spatial=spatial,
