@@ -55,19 +55,23 @@ def _stem_conv(in_features, out_features, size, strides, padding, norm: Norm, rn
     )
 
 
-STEM_POOLS = ("max", "avg")
+# "max": the paper's (and ResNet's); "avg" (not in the paper; a control) averages each
+# window's pixels inside the map
+_POOLS = {"max": nnx.max_pool, "avg": functools.partial(nnx.avg_pool, count_include_pad=False)}
+STEM_POOLS = tuple(_POOLS)
+
+
+def check_stem_pool(kind: str) -> None:
+    """ValueError unless ``kind`` names one of ``STEM_POOLS``."""
+    if kind not in _POOLS:
+        raise ValueError(f"the conv stem's pool must be one of {STEM_POOLS}, got {kind!r}")
 
 
 def conv_stem_pool(x: Array, kind: str = "max") -> Array:
-    """The conv stem's 3x3 stride-2 pool (padding 1): ``[b, h, w, c] -> [b, h/2, w/2, c]``
-    (sizes rounded up). ``kind="max"`` is the paper's (and ResNet's) max pool; ``"avg"`` (not
-    in the paper; a control) averages each window's pixels inside the map."""
-    window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
-    if kind == "max":
-        return nnx.max_pool(x, window, strides=strides, padding=padding)
-    if kind == "avg":
-        return nnx.avg_pool(x, window, strides=strides, padding=padding, count_include_pad=False)
-    raise ValueError(f"the conv stem's pool must be one of {STEM_POOLS}, got {kind!r}")
+    """The conv stem's 3x3 stride-2 pool of kind ``kind`` (padding 1): ``[b, h, w, c] ->
+    [b, h/2, w/2, c]`` (sizes rounded up)."""
+    check_stem_pool(kind)
+    return _POOLS[kind](x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class ConvStem(nnx.Module):
@@ -83,8 +87,7 @@ class ConvStem(nnx.Module):
         pool: str = "max",
         rngs: nnx.Rngs,
     ):
-        if pool not in STEM_POOLS:
-            raise ValueError(f"the conv stem's pool must be one of {STEM_POOLS}, got {pool!r}")
+        check_stem_pool(pool)
         self.in_features, self.out_features, self.pool = in_features, out_features, pool
         self.conv = _stem_conv(in_features, out_features, 7, 2, [(3, 3)] * 2, norm, rngs)
         self.norm = norm(out_features, rngs=rngs)
