@@ -197,6 +197,37 @@ inline void Transpose8x8(const float* const rows[8], float* out, int64_t out_str
   _mm256_storeu_ps(out + 7 * out_stride, _mm256_permute2f128_ps(s3, s7, 0x31));
 }
 
+// Transposes 8 rows of 4 floats (rows[r], r < 8) into 4 rows of 8: row c of the result, at
+// out + c * out_stride, holds element c of every input row. Each 128-bit half is a 4x4 transpose
+// (rows 0-3 in the low half, 4-7 in the high one).
+inline void Transpose8x4(const float* const rows[8], float* out, int64_t out_stride) {
+  auto pair = [&](int r) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(rows[r])),
+                                _mm_loadu_ps(rows[r + 4]), 1);
+  };
+  const __m256 a0 = pair(0), a1 = pair(1), a2 = pair(2), a3 = pair(3);
+  const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+  const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+  _mm256_storeu_ps(out + 0 * out_stride, _mm256_shuffle_ps(t0, t2, 0x44));
+  _mm256_storeu_ps(out + 1 * out_stride, _mm256_shuffle_ps(t0, t2, 0xEE));
+  _mm256_storeu_ps(out + 2 * out_stride, _mm256_shuffle_ps(t1, t3, 0x44));
+  _mm256_storeu_ps(out + 3 * out_stride, _mm256_shuffle_ps(t1, t3, 0xEE));
+}
+
+// The inverse of Transpose8x4: 4 rows of 8 floats (in[c]) into 8 rows of 4 at out + r * 4.
+inline void Transpose4x8(const float* in, float* out) {
+  const __m256 c0 = _mm256_loadu_ps(in), c1 = _mm256_loadu_ps(in + 8);
+  const __m256 c2 = _mm256_loadu_ps(in + 16), c3 = _mm256_loadu_ps(in + 24);
+  const __m256 u0 = _mm256_unpacklo_ps(c0, c1), u1 = _mm256_unpackhi_ps(c0, c1);
+  const __m256 u2 = _mm256_unpacklo_ps(c2, c3), u3 = _mm256_unpackhi_ps(c2, c3);
+  const __m256 r[4] = {_mm256_shuffle_ps(u0, u2, 0x44), _mm256_shuffle_ps(u0, u2, 0xEE),
+                       _mm256_shuffle_ps(u1, u3, 0x44), _mm256_shuffle_ps(u1, u3, 0xEE)};
+  for (int k = 0; k < 4; ++k) {  // r[k] holds rows k (low half) and k + 4 (high half)
+    _mm_storeu_ps(out + 4 * k, _mm256_castps256_ps128(r[k]));
+    _mm_storeu_ps(out + 4 * (k + 4), _mm256_extractf128_ps(r[k], 1));
+  }
+}
+
 alignas(32) constexpr float kZeroRow[kLanes] = {};
 #endif
 
@@ -233,6 +264,14 @@ struct Lanes {
         for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
       return;
     }
+    if (ch == 4) {  // the attention stem's heads
+      const float* rows[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) rows[l] = l < count ? x + At(l, ch, i, j) : kZeroRow;
+      Transpose8x4(rows, reinterpret_cast<float*>(out), kLanes);
+      if (scale != 1.0f)
+        for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
+      return;
+    }
 #endif
     for (int64_t c = 0; c < ch; ++c) out[c] = Vec{};
     for (int64_t l = 0; l < count; ++l) {
@@ -252,6 +291,13 @@ struct Lanes {
         for (int64_t l = 0; l < count; ++l)
           std::memcpy(x + At(l, ch, i, j) + c0, block + l * kLanes, kLanes * sizeof(float));
       }
+      return;
+    }
+    if (ch == 4) {  // the attention stem's heads
+      alignas(32) float block[kLanes * 4];
+      Transpose4x8(reinterpret_cast<const float*>(in), block);
+      for (int64_t l = 0; l < count; ++l)
+        std::memcpy(x + At(l, ch, i, j), block + l * 4, 4 * sizeof(float));
       return;
     }
 #endif
@@ -782,6 +828,7 @@ ffi::Error Prepare(Buf q, Buf v, Buf rel_row, Buf rel_col, Out& workspace, bool 
 // Calls fn with compile-time channel counts where the layer's shapes need speed.
 template <template <int, int> class Fn, typename... Args>
 void Dispatch(int64_t d, int64_t e, Args&&... args) {
+  if (d == 4 && e == 4) return Fn<4, 4>::Run(std::forward<Args>(args)...);
   if (d == 8 && e == 8) return Fn<8, 8>::Run(std::forward<Args>(args)...);
   if (d == 16 && e == 16) return Fn<16, 16>::Run(std::forward<Args>(args)...);
   if (d == 32 && e == 32) return Fn<32, 32>::Run(std::forward<Args>(args)...);
