@@ -25,7 +25,9 @@
 // Numerics. Logits are computed in log2 units: keys and relative tables are scaled by log2(e)
 // as they are loaded, so each softmax weight is one exp2. The forward pass returns the output,
 // each query's largest logit m (log2 units) and the sum l of 2^(logit - m); the backward pass
-// recomputes the weights from them (flash-attention style) and never stores logits.
+// takes the log-sum-exp (natural log, as native.py forms it from m and l), recomputes the weights
+// from it (flash-attention style) and never stores logits. It also forms each query's
+// delta = dO . out = sum of weight * (dO . v) itself, so it needs neither the output nor l.
 
 #include <algorithm>
 #include <atomic>
@@ -306,9 +308,9 @@ struct Lanes {
       for (int64_t c = 0; c < ch; ++c) dst[c] = in[c][l];
     }
   }
-  // One value per lane at (i, j) of an array [B, H, W, n] (1 in unused lanes if `pad_one`).
-  Vec Scalars(const float* x, int64_t i, int64_t j, bool pad_one = false) const {
-    Vec v = pad_one ? Splat(1.0f) : Vec{};
+  // One value per lane at (i, j) of an array [B, H, W, n] (0 in unused lanes).
+  Vec Scalars(const float* x, int64_t i, int64_t j) const {
+    Vec v = {};
     for (int64_t l = 0; l < count; ++l) v[l] = x[At(l, 1, i, j)];
     return v;
   }
@@ -590,8 +592,8 @@ size_t BackwardScratch(const Problem& P) {  // in vectors
 
 template <int kD, int kE>
 void BackwardItem(const Problem& P, const float* q, const float* k, const float* v,
-                  const float* d_out, const float* m_in, const float* l_in, const float* delta,
-                  float* dq, float* dk, float* dv, float* d_rel_row, float* d_rel_col,
+                  const float* d_out, const float* lse, float* dq, float* dk, float* dv,
+                  float* d_rel_row, float* d_rel_col,
                   int64_t group, Vec* scratch) {
   const Dims& D = P.D;
   const int d = kD ? kD : static_cast<int>(D.d), e = kE ? kE : static_cast<int>(D.e);
@@ -642,17 +644,24 @@ void BackwardItem(const Problem& P, const float* q, const float* k, const float*
       taps.SetColumn(ct, P.cols.all_inside[j], d, e);
       L.In(q, d, i, j, 1.0f, qv);
       L.In(d_out, e, i, j, 1.0f, dov);
-      const Vec m = L.Scalars(m_in, i, j);
-      const Vec inv = 1.0f / L.Scalars(l_in, i, j, /*pad_one=*/true);
-      const Vec dlt = L.Scalars(delta, i, j);
+      const Vec m = L.Scalars(lse, i, j) * kLog2e;  // the log-sum-exp in log2 units
       Logits<kD>(P, qv, taps, kring, d, p);
-      for (int x = 0; x < taps.count; ++x) p[x] = Exp2(p[x] - m) * inv;  // the weights
-      // ds = p * (dp - delta) with dp = dO . v; a zero value outside the image has dp = 0.
+      for (int x = 0; x < taps.count; ++x) p[x] = Exp2(p[x] - m);  // the weights
+      // ds = p * (dp - delta) with dp = dO . v (0 for a zero value outside the image) and
+      // delta = sum of p * dp = dO . out, computed here from the weights.
       if (!taps.all_inside)
-        for (int x = 0; x < taps.count; ++x) ds[x] = -p[x] * dlt;
-      taps.ForInside([&](int x, size_t, size_t value_at) {
-        ds[x] = p[x] * (Dot<kE>(dov, vring + value_at, e) - dlt);
-      });
+        for (int x = 0; x < taps.count; ++x) ds[x] = Vec{};
+      taps.ForInside(
+          [&](int x, size_t, size_t value_at) { ds[x] = Dot<kE>(dov, vring + value_at, e); });
+      Vec dlt0 = {}, dlt1 = {};
+      int x = 0;
+      for (; x + 2 <= taps.count; x += 2) {
+        dlt0 += p[x] * ds[x];
+        dlt1 += p[x + 1] * ds[x + 1];
+      }
+      if (x < taps.count) dlt0 += p[x] * ds[x];
+      const Vec dlt = dlt0 + dlt1;
+      for (x = 0; x < taps.count; ++x) ds[x] = p[x] * (ds[x] - dlt);
       if (P.has_key) {
         WeightedSum<kD>(taps, ds, true, kring, d, dqv);  // with log2-scaled keys
         for (int c = 0; c < d; ++c) dqv[c] *= kLn2;
@@ -881,8 +890,8 @@ ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf r
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_in, Buf l_in,
-                    Buf delta, Buf rel_row, Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row,
+ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf lse, Buf rel_row,
+                    Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row,
                     Out d_rel_col, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
                     int64_t has_key, int64_t workers, Spans rpos, Spans rmem, Spans rrel,
                     Spans cpos, Spans cmem, Spans crel) {
@@ -899,8 +908,8 @@ ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf m_
     const int64_t end = std::min(D.groups, (item + 1) * w.per_item);
     for (int64_t group = item * w.per_item; group < end; ++group) {
       Dispatch<BackwardFn>(D.d, D.e, call.P, q.typed_data(), k.typed_data(), v.typed_data(),
-                           d_out.typed_data(), m_in.typed_data(), l_in.typed_data(),
-                           delta.typed_data(), dq->typed_data(), dk->typed_data(),
+                           d_out.typed_data(), lse.typed_data(), dq->typed_data(),
+                           dk->typed_data(),
                            dv->typed_data(), d_rel_row->typed_data(), d_rel_col->typed_data(),
                            group, call.base + stride * worker);
     }
@@ -948,9 +957,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaLocalAttentionBackward, Backward,
                                   .Arg<Buf>()  // k
                                   .Arg<Buf>()  // v
                                   .Arg<Buf>()  // d_out
-                                  .Arg<Buf>()  // m
-                                  .Arg<Buf>()  // l
-                                  .Arg<Buf>()  // delta
+                                  .Arg<Buf>()  // lse (natural log)
                                   .Arg<Buf>()  // rel_row
                                   .Arg<Buf>()  // rel_col
                                   .Ret<Buf>()  // dq

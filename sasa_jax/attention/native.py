@@ -132,7 +132,7 @@ def _forward_call(q, k, v, rel_row, rel_col, geometry: Geometry):
     return out, top, total
 
 
-def _backward_call(q, k, v, d_out, top, total, delta, rel_row, rel_col, geometry: Geometry):
+def _backward_call(q, k, v, d_out, lse, rel_row, rel_col, geometry: Geometry):
     """``(dq, dk, dv, d_row, d_col)``; the table gradients summed over the batch. Without
     keys ``dk`` is not written (the caller drops it)."""
     f32 = jnp.float32
@@ -149,7 +149,7 @@ def _backward_call(q, k, v, d_out, top, total, delta, rel_row, rel_col, geometry
         workspace,
     )
     dq, dk, dv, d_row, d_col, _ = jax.ffi.ffi_call(native_build.BACKWARD_TARGET, results)(
-        q, k, v, d_out, top, total, delta, rel_row, rel_col, **geometry.attributes()
+        q, k, v, d_out, lse, rel_row, rel_col, **geometry.attributes()
     )
     return dq, dk, dv, d_row.sum(axis=0), d_col.sum(axis=0)
 
@@ -184,15 +184,14 @@ def forward(q, k, v, rel_row, rel_col, rows, cols, platform):
 
 
 def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, platform):
-    """The gradients from the log-sum-exp: the kernel's weights are 2^(logit - top) / total,
-    so top is the log-sum-exp in log2 units and total is 1."""
+    """The gradients from the log-sum-exp, which gives the kernel each weight as one exp2; it
+    forms ``dO . out`` from the weights itself, so ``out`` is not read."""
+    del out
     geometry = _geometry(q, k, rel_row, rows, cols)
     q32, keys, v32, row32, col32 = _operands(q, k, v, rel_row, rel_col)
     d_out = d_out.astype(jnp.float32)
-    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [b, h, w, heads]
-    top = lse / LN2
     dq, dk, dv, d_row, d_col = _backward_call(
-        q32, keys, v32, d_out, top, jnp.ones_like(top), delta, row32, col32, geometry
+        q32, keys, v32, d_out, lse.astype(jnp.float32), row32, col32, geometry
     )
     return (
         dq.astype(q.dtype),
