@@ -268,7 +268,8 @@ struct Lanes {
     }
     if (ch == 4) {  // the attention stem's heads
       const float* rows[kLanes];
-      for (int64_t l = 0; l < kLanes; ++l) rows[l] = l < count ? x + At(l, ch, i, j) : kZeroRow;
+      for (int64_t l = 0; l < kLanes; ++l)
+        rows[l] = l < count ? x + At(l, ch, i, j) : kZeroRow;
       Transpose8x4(rows, reinterpret_cast<float*>(out), kLanes);
       if (scale != 1.0f)
         for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
@@ -593,8 +594,7 @@ size_t BackwardScratch(const Problem& P) {  // in vectors
 template <int kD, int kE>
 void BackwardItem(const Problem& P, const float* q, const float* k, const float* v,
                   const float* d_out, const float* lse, float* dq, float* dk, float* dv,
-                  float* d_rel_row, float* d_rel_col,
-                  int64_t group, Vec* scratch) {
+                  float* d_rel_row, float* d_rel_col, int64_t group, Vec* scratch) {
   const Dims& D = P.D;
   const int d = kD ? kD : static_cast<int>(D.d), e = kE ? kE : static_cast<int>(D.e);
   const int h = d / 2;
@@ -891,8 +891,8 @@ ffi::Error Forward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf rel_row, Buf r
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf lse, Buf rel_row,
-                    Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row,
-                    Out d_rel_col, Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
+                    Buf rel_col, Out dq, Out dk, Out dv, Out d_rel_row, Out d_rel_col,
+                    Out workspace, int64_t kh, int64_t kw, int64_t has_rel,
                     int64_t has_key, int64_t workers, Spans rpos, Spans rmem, Spans rrel,
                     Spans cpos, Spans cmem, Spans crel) {
   Call call;
@@ -909,8 +909,8 @@ ffi::Error Backward(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf d_out, Buf ls
     for (int64_t group = item * w.per_item; group < end; ++group) {
       Dispatch<BackwardFn>(D.d, D.e, call.P, q.typed_data(), k.typed_data(), v.typed_data(),
                            d_out.typed_data(), lse.typed_data(), dq->typed_data(),
-                           dk->typed_data(),
-                           dv->typed_data(), d_rel_row->typed_data(), d_rel_col->typed_data(),
+                           dk->typed_data(), dv->typed_data(), d_rel_row->typed_data(),
+                           d_rel_col->typed_data(),
                            group, call.base + stride * worker);
     }
   });
