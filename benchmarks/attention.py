@@ -9,12 +9,14 @@ accelerator the layer's roofline (``roofline.py``: its FLOPs, the fewest bytes i
 and the time those take at the device's peak). The convolution and each implementation are
 timed alternately, call by call, and the time ratio is the median of the per-call ratios: a
 machine's speed drifts over minutes, and timing them apart mixes that drift into the ratio.
-``--stem`` times the attention stem (``block_attention`` on 4x4 blocks, 224x224x64, 4 heads)
-the same way against the 7x7 stride-2 conv stem's convolution.
+``--stem`` times the attention stem (``block_attention`` on 4x4 blocks, 4 heads; 224x224,
+3 -> 64 channels, or ``--stem_shape``) the same way against the 7x7 stride-2 conv stem's
+convolution.
 
     python benchmarks/attention.py                       # all stages, every implementation
     python benchmarks/attention.py --shapes 56x64 --implementations native --json
     python benchmarks/attention.py --batch 64 --dtype bfloat16 --implementations pallas --stem
+    python benchmarks/attention.py --shapes --stem --stem_shape 48x1x16 --batch 64  # digits
 """
 
 from __future__ import annotations
@@ -114,15 +116,34 @@ def attention_step(size: int, width: int, batch: int, implementation: str, dtype
     return {"time": timer, "temp_bytes": temp, "forward_flops": flops, "roofline": bound}
 
 
-def stem_step(batch: int, implementation: str, dtype) -> dict:
-    """The attention stem's attention (224x224, 3 -> 64 channels, 4x4 blocks) fwd+bwd."""
-    layer = StemAttention(3, 64, implementation=implementation, dtype=dtype, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (batch, 224, 224, 3), dtype)
+def stem_step(
+    batch: int, implementation: str, dtype, shape: tuple[int, int, int] = (224, 3, 64)
+) -> dict:
+    """The attention stem's attention fwd+bwd (4 heads, 4x4 blocks, spatially-aware values);
+    ``shape`` is (image size, in channels, out channels): ``[batch, size, size, in] ->
+    [batch, size, size, out]``."""
+    size, cin, cout = shape
+    layer = StemAttention(cin, cout, implementation=implementation, dtype=dtype, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, cin), dtype)
     timer, temp, params = _layer_step(layer, x)
-    pixels = batch * 224 * 224
-    flops = 2 * pixels * (3 * 3 * 64 + 2 * 16 * 64 + 2 * 7 * 16)
-    bound = roofline.bound(3 * flops, roofline.layer_bytes(pixels, 64, params, dtype), dtype)
+    pixels = batch * size * size
+    # Q, K and the values' projections, logits and weighted values over the 16 taps, and the
+    # relative terms counted as 2 * 7 * head_dim a pixel.
+    head = cout // 4
+    flops = 2 * pixels * (3 * cin * cout + 2 * 16 * cout + 2 * 7 * head)
+    bound = roofline.bound(3 * flops, roofline.layer_bytes(pixels, cout, params, dtype), dtype)
     return {"time": timer, "temp_bytes": temp, "forward_flops": flops, "roofline": bound}
+
+
+def _stem_shape(text: str) -> tuple[int, int, int]:
+    """``SIZExINxOUT`` -> (size, in, out); a ValueError naming the flag otherwise."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--stem_shape takes SIZExINxOUT, e.g. 224x3x64, got {text!r}")
+    size, cin, cout = (int(p) for p in parts)
+    if size % 4 or cout % 8:
+        raise ValueError(f"--stem_shape needs SIZE a multiple of 4 and OUT of 8, got {text!r}")
+    return size, cin, cout
 
 
 def time_pair(conv: dict, att: dict, repeats: int) -> tuple[float, float, float]:
@@ -169,7 +190,12 @@ def _row(shape: str, impl: str, conv: dict, att: dict, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(STAGES), help="SIZExWIDTH stage shapes")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=list(STAGES),
+        help="SIZExWIDTH stage shapes; none (a bare --shapes) times --stem alone",
+    )
     parser.add_argument(
         "--implementations", nargs="+", default=sasa_jax.attention_implementations()
     )
@@ -179,9 +205,15 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stem", action="store_true", help="also time the attention stem")
+    parser.add_argument(
+        "--stem_shape",
+        default="224x3x64",
+        help="SIZExINxOUT of --stem: 224x3x64 (ImageNet), 48x1x16 (configs/digits_clutter.py)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
+    stem_shape = _stem_shape(args.stem_shape)
 
     rows = []
     for shape in args.shapes:
@@ -191,10 +223,11 @@ def main() -> None:
             att = attention_step(size, width, args.batch, impl, dtype)
             rows.append(_row(f"{size}x{size}x{width}", impl, conv, att, args.repeats))
     if args.stem:
-        conv = conv_step(224, 64, args.batch, dtype, kernel=7, stride=2, cin=3)
+        size, cin, cout = stem_shape
+        conv = conv_step(size, cout, args.batch, dtype, kernel=7, stride=2, cin=cin)
         for impl in args.implementations:
-            att = stem_step(args.batch, impl, dtype)
-            rows.append(_row("stem 224x224", impl, conv, att, args.repeats))
+            att = stem_step(args.batch, impl, dtype, stem_shape)
+            rows.append(_row(f"stem {size}x{size}x{cin}->{cout}", impl, conv, att, args.repeats))
     if args.json:
         print(json.dumps({**roofline.run_header(args.batch, args.dtype), "rows": rows}))
 
