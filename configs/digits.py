@@ -5,9 +5,9 @@ ResNet (ResNet-26 layout, widths x0.25, attention in every stage, 5x5 windows):
 
   python train.py --config=configs/digits.py --workdir=/tmp/sasa_digits
 
-Expect about 0.98-0.99 test top-1 (the last eval_top1 in metrics.jsonl; 0.981, 0.989 and
-0.983 for seeds 0, 1, 2) in 1-2 minutes on a 2-core CPU, from an empty TFDS data dir
-(measured 2026-12-03 by benchmarks/results_rows.py; the README's results table). The
+Expect about 0.98-0.99 test top-1 (the last eval_top1 in metrics.jsonl; 0.983, 0.986 and
+0.981 for seeds 0, 1, 2) in about a minute on a 2-core CPU, from an empty TFDS data dir
+(measured 2026-12-04 by benchmarks/results_rows.py; the README's results table). The
 argument selects model fields like configs/imagenet.py, e.g.
 --config=configs/digits.py:variant=baseline.
 """
