@@ -256,21 +256,14 @@ struct Lanes {
   // ch vectors of the lanes' values at (i, j), times scale.
   void In(const float* x, int64_t ch, int64_t i, int64_t j, float scale, Vec* out) const {
 #if defined(__AVX__)
-    if (ch % kLanes == 0) {
+    if (ch % kLanes == 0 || ch == 4) {  // 8-channel chunks, or the attention stem's 4
       const float* rows[kLanes];
       for (int64_t c0 = 0; c0 < ch; c0 += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) rows[l] = l < count ? x + At(l, ch, i, j) + c0 : kZeroRow;
-        Transpose8x8(rows, reinterpret_cast<float*>(out + c0), kLanes);
+        for (int64_t l = 0; l < kLanes; ++l)
+          rows[l] = l < count ? x + At(l, ch, i, j) + c0 : kZeroRow;
+        float* chunk = reinterpret_cast<float*>(out + c0);
+        ch == 4 ? Transpose8x4(rows, chunk, kLanes) : Transpose8x8(rows, chunk, kLanes);
       }
-      if (scale != 1.0f)
-        for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
-      return;
-    }
-    if (ch == 4) {  // the attention stem's heads
-      const float* rows[kLanes];
-      for (int64_t l = 0; l < kLanes; ++l)
-        rows[l] = l < count ? x + At(l, ch, i, j) : kZeroRow;
-      Transpose8x4(rows, reinterpret_cast<float*>(out), kLanes);
       if (scale != 1.0f)
         for (int64_t c = 0; c < ch; ++c) out[c] *= scale;
       return;
