@@ -1,11 +1,13 @@
 """Re-measures the README's results rows: each row's command from an empty TFDS data dir, its
-final eval metric from metrics.jsonl and its wall time (dataset build and compiles included).
+final eval metric from metrics.jsonl, its wall time (dataset build and compiles included) and
+the mean wall time from one eval to the next (an epoch with its eval: ``seconds_per_eval``).
 
     python benchmarks/results_rows.py                       # every row, seed 0
     python benchmarks/results_rows.py --rows=digits,full_attention --seeds=0,1,2 --json
 
 Runs one command at a time (timings on a shared machine drift: compare rows measured in one
-call). Each run gets a fresh workdir and TFDS dir under --out (deleted unless --keep).
+call). Arguments it does not know go to every train.py command, e.g. ``--config.num_epochs=80``.
+Each run gets a fresh workdir and TFDS dir under --out (deleted unless --keep).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from sasa_jax.train import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -78,6 +82,10 @@ def run_row(name: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
     final = _final(tmp / "run", metric)
+    try:  # an epoch with its eval, start-up and compiles left out
+        epoch = round(metrics.seconds_per_eval(tmp / "run"), 2)
+    except ValueError:  # fewer than two evals
+        epoch = None
     return {
         "row": name,
         "seed": seed,
@@ -86,6 +94,7 @@ def run_row(name: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
         "eval": {k: v for k, v in final.items() if k.startswith("eval_")},  # AP50, top-5, ...
         "step": final["step"],
         "wall_s": round(wall, 1),
+        "seconds_per_eval": epoch,
         "command": " ".join(command[1:]),
         "tmp": str(tmp),
     }

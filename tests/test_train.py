@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from sasa_jax.train import EXIT_STOPPED
 from sasa_jax.train import config as config_lib
 from sasa_jax.train import loop as train_lib
-from sasa_jax.train.metrics import read_metrics
+from sasa_jax.train.metrics import eval_times, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
@@ -78,6 +78,10 @@ def _run(workdir, tfds_dir, *overrides, devices=1, check=True):
 
 def _final_eval(workdir):
     return [r for r in read_metrics(workdir) if "eval_top1" in r][-1]
+
+
+def _eval_steps(workdir):
+    return [r["step"] for r in read_metrics(workdir) if "eval_top1" in r]
 
 
 def _train_losses(workdir):
@@ -177,6 +181,7 @@ def _check_a_whole_run(workdir, stdout):
     assert final["step"] == 10 and final["eval_examples"] == 360
     assert 0.0 <= final["eval_top1"] <= final["eval_top5"] <= 1.0
     assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert [step for step, _ in eval_times(workdir)] == _eval_steps(workdir)
     checkpoints = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert checkpoints == ["10", "5"]
     assert "step 10/10" in stdout and "img/s" in stdout and "ETA" in stdout
@@ -199,6 +204,8 @@ def _check_refusal_then_more_steps(workdir, tfds_dir):
     steps = [r["step"] for r in read_metrics(workdir)]
     assert steps[: len(records)] == [r["step"] for r in records]
     assert _final_eval(workdir)["step"] == 12
+    # The resumed run's eval is in an events file of its own; both files are read.
+    assert [step for step, _ in eval_times(workdir)] == _eval_steps(workdir) == [10, 12]
 
 
 def test_digits_runs_resume_refuse_and_agree_on_every_layout(tmp_path, tfds_dir):

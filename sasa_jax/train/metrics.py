@@ -1,4 +1,5 @@
-"""Metric output of a training run: ``metrics.jsonl``, TensorBoard events and console progress.
+"""Metric output of a training run: ``metrics.jsonl``, TensorBoard events and console progress;
+and when a run's evals happened, read back from its events (``eval_times``).
 
 Only the primary process writes. TensorBoard event files are written by tensorboardX, without
 TensorFlow.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
+import struct
 import time
 from typing import Any
 
@@ -76,3 +78,49 @@ class Progress:
     def report(self, step: int, loss: float, images_per_sec: float) -> None:
         if self.enabled:
             print(self.line(step, loss, images_per_sec), flush=True)
+
+
+def eval_times(workdir: str | pathlib.Path) -> list[tuple[int, float]]:
+    """``(step, wall time)`` of each eval a run logged, in step order, from its TensorBoard events.
+
+    An eval's time is when its first ``eval_*`` scalar was written (Unix seconds). A resumed run
+    adds a second events file; its evals are read as well. Raises ``FileNotFoundError`` if the
+    workdir has no events file.
+    """
+    paths = sorted(pathlib.Path(workdir).glob("events.out.tfevents.*"))
+    if not paths:
+        raise FileNotFoundError(f"no TensorBoard events in {workdir}: is it a run's --workdir?")
+    first: dict[int, float] = {}
+    for path in paths:
+        for event in _events(path):
+            if any(v.tag.startswith("eval_") for v in event.summary.value):
+                first[event.step] = min(first.get(event.step, event.wall_time), event.wall_time)
+    return sorted(first.items())
+
+
+def seconds_per_eval(workdir: str | pathlib.Path) -> float:
+    """Mean wall seconds from one eval to the next: the time of an epoch, with its eval, when a
+    run evaluates once an epoch (start-up and compiles fall before the first eval). Raises
+    ``ValueError`` for a run with fewer than two evals."""
+    times = eval_times(workdir)
+    if len(times) < 2:
+        raise ValueError(f"{workdir} logged {len(times)} eval(s); need two to time one interval")
+    return (times[-1][1] - times[0][1]) / (len(times) - 1)
+
+
+def _events(path: pathlib.Path):
+    """The ``Event`` protos of one TFRecord events file (length, CRC, data, CRC per record;
+    the CRCs are not checked)."""
+    from tensorboardX.proto import event_pb2
+
+    data = path.read_bytes()
+    offset = 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        start = offset + 12
+        if start + length + 4 > len(data):  # a record still being written
+            return
+        event = event_pb2.Event()
+        event.ParseFromString(data[start : start + length])
+        yield event
+        offset = start + length + 4
