@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from sasa_jax.train import metrics
 
@@ -44,7 +45,7 @@ def main() -> None:
             f"to the next ({row['ratio']:.2f}x the first)"
         )
     if args.json:
-        print(json.dumps({"results": rows}))
+        print(json.dumps({"date": time.strftime("%Y-%m-%d"), "results": rows}))
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def eval_times(workdir: str | pathlib.Path) -> list[tuple[int, float]]:
 
 def seconds_per_eval(workdir: str | pathlib.Path) -> float:
     """Mean wall seconds from one eval to the next: the time of an epoch, with its eval, when a
-    run evaluates once an epoch (start-up and compiles fall before the first eval). Raises
-    ``ValueError`` for a run with fewer than two evals."""
+    run evaluates once an epoch (start-up and compiles fall before the first eval; a resumed
+    run's pause and restart fall in the interval across it). Raises ``ValueError`` for a run
+    with fewer than two evals."""
     times = eval_times(workdir)
     if len(times) < 2:
         raise ValueError(f"{workdir} logged {len(times)} eval(s); need two to time one interval")
