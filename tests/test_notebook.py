@@ -13,10 +13,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_tour_notebook_executes(tmp_path, monkeypatch):
-    """Every cell, with a 20-step training run instead of 200 (SASA_TOUR_STEPS)."""
+    """Every cell, with a 4-step training run instead of 200 (SASA_TOUR_STEPS)."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("SASA_TOUR_STEPS", "20")
+    monkeypatch.setenv("SASA_TOUR_STEPS", "4")
     notebook = nbformat.read(ROOT / "notebooks" / "tour.ipynb", as_version=4)
     NotebookClient(
         notebook,
@@ -29,5 +29,5 @@ def test_tour_notebook_executes(tmp_path, monkeypatch):
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) == 3  # the borders, the shifted image, the attention maps
     text = "".join(o.get("text", "") for o in outputs)
-    assert "test top-1" in text and "after 20 steps" in text
+    assert "test top-1" in text and "after 4 steps" in text
     assert "ResNet-50 full_attention" in text
