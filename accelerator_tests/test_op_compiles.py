@@ -53,7 +53,7 @@ def _loss(stages, stem):
 
 # Each dtype's kernels at every geometry, and the sharded program once: bfloat16 (the kernels'
 # narrow path) on one device, float32 on four. The two other pairs compile the same per-device
-# kernels again, and CI has 15 minutes (float32 on four H100s alone takes 90-110 s in CI).
+# kernels again, and CI has 15 minutes (float32 on four H100s alone took 76-109 s in CI).
 @pytest.mark.parametrize(("dtype", "count"), [("bfloat16", 1), ("float32", 4)])
 def test_op_forward_and_backward_compile(platform, dtype, count, devices_of):
     mesh = Mesh(np.array(devices_of(platform, count)), ("data",))
