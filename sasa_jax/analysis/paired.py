@@ -81,7 +81,7 @@ def paired_gap(
     b = np.array([oth[s] for s in seeds])
     diff = a - b
     std = float(diff.std(ddof=1))
-    se = std / np.sqrt(len(seeds))
+    se = std / len(seeds) ** 0.5
     half = float(stats.t.ppf(0.5 + confidence / 2, df=len(seeds) - 1)) * se
     gap = float(diff.mean())
     return PairedGap(
@@ -90,7 +90,7 @@ def paired_gap(
         other=b.tolist(),
         gap=gap,
         gap_std=std,
-        standard_error=float(se),
+        standard_error=se,
         confidence=confidence,
         interval=(gap - half, gap + half),
     )
