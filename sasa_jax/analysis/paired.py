@@ -2,9 +2,9 @@
 
 Rows are ``results.json`` rows (``sweep_results``): each has ``fields``, ``seed``, ``status``
 and ``metrics``. A side is picked by field values (``{"config": "digits_clutter.py"}``); runs of
-the two sides with the same seed form a pair, so a seed's own luck (its data order, its
-initialisation) cancels out of the gap. The gap's error is the standard error of the per-seed
-differences, and its interval Student's t at ``n - 1`` degrees of freedom.
+the two sides with the same seed form a pair. The gap's error is the standard error of the
+per-seed differences, and its interval Student's t at ``n - 1`` degrees of freedom (a paired
+t-interval: valid whether or not a seed's two runs are correlated).
 """
 
 from __future__ import annotations
