@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from sasa_jax.train import metrics
+from sasa_jax.train import host, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -95,6 +95,7 @@ def run_row(name: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
         "step": final["step"],
         "wall_s": round(wall, 1),
         "seconds_per_eval": epoch,
+        "host": host.read_hosts(tmp / "run")[-1]["summary"],
         "command": " ".join(command[1:]),
         "tmp": str(tmp),
     }

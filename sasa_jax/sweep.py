@@ -15,7 +15,8 @@ running training processes with a checkpoint). A run that fails is reported in t
 others go on. ``--jobs=N`` runs N at once; on a host with several GPUs or TPU chips each job
 sees one device (``CUDA_VISIBLE_DEVICES`` / ``TPU_VISIBLE_CHIPS``).
 
-Writes DIR/results.json (one row per run), DIR/results.md (mean ± standard deviation over
+Writes DIR/results.json (one row per run, with the machine it last started on: ``host``, from
+the run's ``hosts.jsonl``), DIR/results.md (mean ± standard deviation over
 seeds per cell) and DIR/results.png (``sasa_jax.analysis.sweep_results``).
 """
 
@@ -36,7 +37,7 @@ import time
 from typing import Any
 
 from sasa_jax.analysis import sweep_results
-from sasa_jax.train import EXIT_STOPPED, metrics
+from sasa_jax.train import EXIT_STOPPED, host, metrics
 from sasa_jax.train import config as config_lib
 
 # Each run is this module, with the installed package: no source checkout needed.
@@ -249,6 +250,12 @@ def run_all(runs: list[Run], jobs: int = 1, train: tuple[str, ...] = TRAIN) -> l
     return [result_row(r) for r in runs]
 
 
+def _host(workdir: pathlib.Path) -> str:
+    """The machine a run last started on (``hosts.jsonl``'s last ``summary``), or ''."""
+    starts = host.read_hosts(workdir)
+    return starts[-1]["summary"] if starts else ""
+
+
 def result_row(run: Run) -> dict:
     """A run's row of results.json."""
     record = _record(run) or {"status": "not run", "wall_s": None, "metrics": {}, "error": ""}
@@ -261,6 +268,7 @@ def result_row(run: Run) -> dict:
         "wall_s": record["wall_s"],
         "error": record["error"],
         "workdir": str(run.workdir),
+        "host": _host(run.workdir),
     }
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from sasa_jax import sweep, train
 from sasa_jax.analysis import sweep_results
 from sasa_jax.data import digits_clutter
+from sasa_jax.train import host
 
 FAKE_TRAIN = textwrap.dedent(
     """
@@ -200,6 +201,8 @@ def test_a_real_sweep_trains_and_then_skips(tmp_path):
         assert logged[-1]["step"] == 2 and logged[-1]["eval_examples"] == 360
         config = json.loads(open(f"{row['workdir']}/config.json").read())
         assert config["base_learning_rate"] == row["fields"]["base_learning_rate"]
+        (start,) = host.read_hosts(row["workdir"])  # the machine, from the run's own record
+        assert row["host"] == start["summary"] and start["step"] == 0
     log = pathlib.Path(rows[0]["workdir"]) / "train.log"
     size = log.stat().st_size
     again = subprocess.run(command, capture_output=True, text=True, check=False, env=env)

@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from sasa_jax.train import EXIT_STOPPED
 from sasa_jax.train import config as config_lib
 from sasa_jax.train import loop as train_lib
+from sasa_jax.train.host import read_hosts
 from sasa_jax.train.metrics import eval_times, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -136,8 +137,13 @@ def _sigterm_then_resume(workdir, tfds_dir, devices):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
     assert "stopped at step" in out
-    assert 3 <= max(r["step"] for r in read_metrics(workdir)) < 10
+    stopped = max(r["step"] for r in read_metrics(workdir))
+    assert 3 <= stopped < 10
     _run(workdir, tfds_dir, *STEPS, devices=devices)
+    # Each start records where it computed, and from which step.
+    starts = read_hosts(workdir)
+    assert [s["step"] for s in starts] == [0, stopped]
+    assert all(s["devices"] == devices and s["platform"] == "cpu" for s in starts)
 
 
 def _free_port() -> int:
@@ -170,6 +176,8 @@ def _two_processes(workdir, tfds_dir):
     for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "step " not in outputs[1][0]  # only the primary process reports progress
+    ((start,),) = [read_hosts(workdir)]  # one start, recorded by the primary process only
+    assert (start["step"], start["processes"], start["devices"]) == (0, 2, 4)
     return outputs[0][0]
 
 
@@ -196,11 +204,13 @@ def _check_refusal_then_more_steps(workdir, tfds_dir):
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.width_multiplier: 0.25 there, 0.5 here" in lines[0]
     assert "new --workdir" in lines[0] and "Traceback" not in other.stderr
+    assert [s["step"] for s in read_hosts(workdir)] == [0]  # the refused command: no start
     records = read_metrics(workdir)
     longer = [s for s in STEPS if not s.startswith("--config.num_train_steps")]
     more = _run(workdir, tfds_dir, *longer, "--config.num_train_steps=12")
     assert "resuming with num_train_steps changed from 10 to 12" in more.stdout
     assert "steps 11..12" in more.stdout
+    assert [s["step"] for s in read_hosts(workdir)] == [0, 10]
     steps = [r["step"] for r in read_metrics(workdir)]
     assert steps[: len(records)] == [r["step"] for r in records]
     assert _final_eval(workdir)["step"] == 12

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sasa_jax import data, tasks
 from sasa_jax.models import ModelSpec
 from sasa_jax.nn.norm import set_batch_axis
+from sasa_jax.train import host
 from sasa_jax.train import workdir as run_record
 from sasa_jax.train.checkpoints import Checkpointer
 from sasa_jax.train.metrics import MetricWriter, Progress
@@ -300,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, start = checkpointer.restore_latest(state, batches)
     if primary:
         run_record.save_config(config, workdir, num_classes=splits.num_classes)
+        host.record_start(workdir, start)
     writer = MetricWriter(workdir, enabled=primary)
     progress = Progress(schedule.total_steps, start, enabled=primary)
     if primary:
