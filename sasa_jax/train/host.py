@@ -1,8 +1,8 @@
 """Where a run computed: ``WORKDIR/hosts.jsonl``, one line per start of ``train.py``.
 
-The same seed and config give the same bits on the same kind of machine, not across kinds:
-XLA compiles for the host's instruction set, so a CPU with AVX-512 rounds some sums
-differently from one without, and training amplifies that (docs/determinism.md). Each start
+The same seed and config give the same bits on the same kind of machine, not across kinds
+(docs/determinism.md: a 9-point difference after 6 epochs between two CPUs; XLA compiling for
+each host's instruction set is the likeliest cause), and training amplifies that. Each start
 (a fresh run, or a resume) appends the step it started from, the date, the JAX versions, the
 devices, and the CPU's model and the vector extensions XLA may use, so a result can be traced
 to the machine that produced it. ``python -m sasa_jax.sweep`` copies the last start's
