@@ -95,7 +95,7 @@ def run_row(name: str, seed: int, out: pathlib.Path, extra: list[str]) -> dict:
         "step": final["step"],
         "wall_s": round(wall, 1),
         "seconds_per_eval": epoch,
-        "host": host.read_hosts(tmp / "run")[-1]["summary"],
+        "host": host.last_summary(tmp / "run"),
         "command": " ".join(command[1:]),
         "tmp": str(tmp),
     }

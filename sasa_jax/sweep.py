@@ -250,12 +250,6 @@ def run_all(runs: list[Run], jobs: int = 1, train: tuple[str, ...] = TRAIN) -> l
     return [result_row(r) for r in runs]
 
 
-def _host(workdir: pathlib.Path) -> str:
-    """The machine a run last started on (``hosts.jsonl``'s last ``summary``), or ''."""
-    starts = host.read_hosts(workdir)
-    return starts[-1]["summary"] if starts else ""
-
-
 def result_row(run: Run) -> dict:
     """A run's row of results.json."""
     record = _record(run) or {"status": "not run", "wall_s": None, "metrics": {}, "error": ""}
@@ -268,7 +262,7 @@ def result_row(run: Run) -> dict:
         "wall_s": record["wall_s"],
         "error": record["error"],
         "workdir": str(run.workdir),
-        "host": _host(run.workdir),
+        "host": host.last_summary(run.workdir),
     }
 
 

@@ -176,7 +176,7 @@ def _two_processes(workdir, tfds_dir):
     for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "step " not in outputs[1][0]  # only the primary process reports progress
-    ((start,),) = [read_hosts(workdir)]  # one start, recorded by the primary process only
+    (start,) = read_hosts(workdir)  # one start, recorded by the primary process only
     assert (start["step"], start["processes"], start["devices"]) == (0, 2, 4)
     return outputs[0][0]
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from sasa_jax.train.metrics import read_jsonl
+
 HOSTS_FILE = "hosts.jsonl"
 # The CPU features that change what XLA:CPU and the native kernel compile to.
 VECTOR_FEATURES = (
@@ -61,15 +63,15 @@ def describe() -> dict[str, Any]:
     ``VECTOR_FEATURES`` it has), ``jax``/``jaxlib`` versions, ``platform``, ``device_kind``,
     ``devices``, ``processes``, and a one-line ``summary`` of them."""
     model, words = cpuinfo()
-    features = [f for f in VECTOR_FEATURES if f in words]
     device = jax.devices()[0]
+    cpu = {
+        "model": model,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "features": [f for f in VECTOR_FEATURES if f in words],
+    }
     info = {
-        "cpu": {
-            "model": model,
-            "cores": os.cpu_count(),
-            "machine": platform.machine(),
-            "features": features,
-        },
+        "cpu": cpu,
         "jax": jax.__version__,
         "jaxlib": jax.lib.__version__,
         "platform": device.platform,
@@ -78,8 +80,8 @@ def describe() -> dict[str, Any]:
         "processes": jax.process_count(),
     }
     info["summary"] = (
-        f"{model} ({platform.machine()}, {os.cpu_count()} cores; {' '.join(features) or '-'}); "
-        f"{jax.device_count()} x {device.device_kind}; jax {jax.__version__}"
+        f"{model} ({cpu['machine']}, {cpu['cores']} cores; {' '.join(cpu['features']) or '-'}); "
+        f"{info['devices']} x {info['device_kind']}; jax {info['jax']}"
     )
     return info
 
@@ -102,6 +104,10 @@ def record_start(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
 def read_hosts(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     """Every start recorded in ``workdir/hosts.jsonl``, oldest first ([] without the file)."""
     path = pathlib.Path(workdir) / HOSTS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.is_file() else []
+
+
+def last_summary(workdir: str | pathlib.Path) -> str:
+    """The one-line ``summary`` of the machine a run last started on, or '' without a record."""
+    starts = read_hosts(workdir)
+    return starts[-1]["summary"] if starts else ""

@@ -52,10 +52,15 @@ def _plain(value):
         return value
 
 
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    """The JSON objects of a one-object-per-line file, in order."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
     """The records of ``workdir/metrics.jsonl``, in order."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
 
 
 class Progress:
