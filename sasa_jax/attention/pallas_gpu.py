@@ -52,6 +52,14 @@ class Layout:
     def tiles(self) -> int:
         return self.rows.tiles * self.cols.tiles
 
+    @property
+    def halos_are_tiles(self) -> bool:
+        """Every key's halo is its own query tile (``block_attention``'s blocks, whose tiles
+        hold whole blocks): no two halos overlap."""
+        return all(
+            axis.halo == axis.tile and axis.pad_before == 0 for axis in (self.rows, self.cols)
+        )
+
 
 @functools.lru_cache(maxsize=256)
 def layout(rows_key: tuple, cols_key: tuple, tile: int) -> Layout:
@@ -258,24 +266,22 @@ def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, *, interpre
     inputs["lse"] = _tiles(lse[..., None], call.lay, 1)
     inputs["delta"] = _tiles(delta, call.lay, 1)
     q_t = inputs["q"]
-    outputs = {"dq": jax.ShapeDtypeStruct(q_t.shape, f32)}
+    # A query's gradient comes whole from its tile, and so does a key's when halos do not
+    # overlap: those are written in the inputs' dtype. Overlapping halos add up in float32.
+    disjoint = call.lay.halos_are_tiles
+    outputs = {"dq": jax.ShapeDtypeStruct(q_t.shape, q.dtype)}
     if k is not None:
-        outputs["dk"] = jax.ShapeDtypeStruct(inputs["k"].shape, f32)
-    outputs["dv"] = jax.ShapeDtypeStruct(v_h.shape, f32)
+        outputs["dk"] = jax.ShapeDtypeStruct(inputs["k"].shape, k.dtype if disjoint else f32)
+    outputs["dv"] = jax.ShapeDtypeStruct(v_h.shape, v.dtype if disjoint else f32)
     if rel_row is not None:
         for name in ("rr", "rc"):
             outputs["d" + name] = jax.ShapeDtypeStruct((*q_t.shape[:2], *inputs[name].shape), f32)
     results = _call(backward_kernel, call.lay, call.spec, interpret, inputs, outputs)
     grads = dict(zip(outputs, results, strict=True))
-    # The halos' gradients go back to the map through the transpose of the halo cut.
     lay, channels, channels_v = call.lay, q_t.shape[-1], v_h.shape[-1]
-    _, halo_vjp = jax.vjp(lambda x: _halos(x, lay, channels_v), jnp.zeros(v.shape, f32))
-    d_v = halo_vjp(grads["dv"])[0]
-    d_k = None
-    if k is not None:
-        _, halo_vjp = jax.vjp(lambda x: _halos(x, lay, channels), jnp.zeros(k.shape, f32))
-        d_k = halo_vjp(grads["dk"])[0].astype(k.dtype)
-    _, tile_vjp = jax.vjp(lambda x: _tiles(x, lay, channels), jnp.zeros(q.shape, f32))
+    d_v = _from_halos(grads["dv"], lay, v, channels_v)
+    d_k = None if k is None else _from_halos(grads["dk"], lay, k, channels)
+    _, tile_vjp = jax.vjp(lambda x: _tiles(x, lay, channels), jnp.zeros(q.shape, q.dtype))
     d_q = tile_vjp(grads["dq"])[0]
     d_row = d_col = None
     if rel_row is not None:
@@ -283,7 +289,15 @@ def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, *, interpre
         d_row = grads["drr"].sum(axis=(0, 1))[: rel_row.shape[0], :half].astype(rel_row.dtype)
         d_col = grads["drc"].sum(axis=(0, 1))[: rel_col.shape[0], half : 2 * half]
         d_col = d_col.astype(rel_col.dtype)
-    return d_q.astype(q.dtype), d_k, d_v.astype(v.dtype), d_row, d_col
+    return d_q, d_k, d_v, d_row, d_col
+
+
+def _from_halos(grads: Array, lay: Layout, like: Array, channels: int) -> Array:
+    """Halo gradients ``[b*n, tiles, keys, channels]`` back on the map, in ``like``'s dtype:
+    the transpose of the halo cut, which adds up each position's halo slots (when halos are
+    the tiles, each position has one slot and nothing is added)."""
+    _, halo_vjp = jax.vjp(lambda x: _halos(x, lay, channels), jnp.zeros(like.shape, grads.dtype))
+    return halo_vjp(grads)[0].astype(like.dtype)
 
 
 __all__ = ["TILE", "backward", "forward", "layout"]

@@ -123,7 +123,8 @@ def backward_kernel(*refs, spec: KernelSpec):
     """Refs: the forward's inputs, then dO ``[1, 1, TQ, E]``, the log-sum-exp and
     ``delta = sum(dO * O)`` ``[1, 1, TQ, 1]``; outputs dq ``[1, 1, TQ, C]``, dk ``[1, 1, M,
     C]`` (when there are keys), dv ``[1, 1, M, E]`` and the tables' gradients ``[1, 1, LR,
-    C]``, ``[1, 1, LC, C]`` (when there are tables), all float32."""
+    C]``, ``[1, 1, LC, C]`` (when there are tables). Accumulated in float32; each output is
+    written in its ref's dtype (the caller's choice: float32 where halos add up)."""
     names = ("q", "k", "v", "rsel", "csel", "rr", "rc", "do", "lse", "delta")
     ins, outs = _unpack(refs, spec, names)
     dq_ref = outs.pop(0)
@@ -140,10 +141,12 @@ def backward_kernel(*refs, spec: KernelSpec):
     ds = p * (dp - ins["delta"][0, 0])
     if spec.has_key:
         dq = _dot(ds.astype(k.dtype), k, spec, contract=((1,), (0,)))
-        dk_ref[0, 0] = _dot(ds.astype(q.dtype), q, spec, contract=((0,), (0,)))
+        dk = _dot(ds.astype(q.dtype), q, spec, contract=((0,), (0,)))
+        dk_ref[0, 0] = dk.astype(dk_ref.dtype)
     else:
         dq = jnp.zeros(q.shape, jnp.float32)
-    dv_ref[0, 0] = _dot(p.astype(d_out.dtype), d_out, spec, contract=((0,), (0,)))
+    dv = _dot(p.astype(d_out.dtype), d_out, spec, contract=((0,), (0,)))
+    dv_ref[0, 0] = dv.astype(dv_ref.dtype)
     if spec.has_rel:
         q32 = q.astype(jnp.float32)
         for sel, table_ref, grad_ref, count in (
@@ -159,4 +162,4 @@ def backward_kernel(*refs, spec: KernelSpec):
                 return dq + weight * row
 
             dq = jax.lax.fori_loop(0, count, table_row, dq)
-    dq_ref[0, 0] = dq
+    dq_ref[0, 0] = dq.astype(dq_ref.dtype)
