@@ -3,6 +3,8 @@ without the devices (``sasa_jax.aot``'s path; run in a venv with ``.[tpu,cuda12-
 
     python benchmarks/accelerator_memory.py --topologies=v5e:2x2,h100:4 --depths=26,50 \\
         --batches=8,32 --image_size=224 --json
+    python benchmarks/accelerator_memory.py --topologies=v5e:2x2 --variants=full_attention \
+        --model=stem_remat=True --json    # model fields added to every variant's argument
 
 For each (topology, depth, variant, per-device batch): the train step's peak bytes per device
 (``memory.peak_bytes``), whether it fits, and the compile time. ``largest_fit`` is a linear
@@ -28,8 +30,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "conv_stem_attention", "full_attention")
 
 
-def measure(topology: str, depth: int, variant: str, batch: int, image_size: int) -> dict:
-    config = config_lib.from_file(ROOT / "configs/imagenet.py", f"depth={depth},variant={variant}")
+def measure(
+    topology: str, depth: int, variant: str, batch: int, image_size: int, model: str = ""
+) -> dict:
+    argument = ",".join(filter(None, [f"depth={depth},variant={variant}", model]))
+    config = config_lib.from_file(ROOT / "configs/imagenet.py", argument)
     config.image_size = image_size
     target = targets.parse_topology(topology)
     devices = targets.devices(target)
@@ -39,6 +44,7 @@ def measure(topology: str, depth: int, variant: str, batch: int, image_size: int
         "topology": topology,
         "depth": depth,
         "variant": variant,
+        "model": model,
         "per_device_batch": batch,
         "image_size": image_size,
         "peak_bytes": report.peak,
@@ -68,6 +74,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batches", default="8,32")
     parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument(
+        "--model",
+        default="",
+        help="more model fields for the config's argument, e.g. stem_remat=True",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     jax.config.update("jax_platforms", "cpu")
@@ -77,10 +88,11 @@ def main() -> None:
             for variant in args.variants.split(","):
                 group = []
                 for batch in (int(b) for b in args.batches.split(",")):
-                    row = measure(topology, depth, variant, batch, args.image_size)
+                    row = measure(topology, depth, variant, batch, args.image_size, args.model)
                     group.append(row)
                     print(
-                        f"{topology} R{depth} {variant} b{batch}: peak "
+                        f"{topology} R{depth} {variant}{',' + args.model if args.model else ''} "
+                        f"b{batch}: peak "
                         f"{row['peak_bytes'] / 1e9:.3f} GB"
                         f"{'' if row['fits'] else ' (does not fit)'}, compiled in "
                         f"{row['compile_s']} s",

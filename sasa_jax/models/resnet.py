@@ -235,6 +235,9 @@ class ResNet(nnx.Module):
       width_multiplier: scales the stem and stage widths (64, 128, 256, 512), as in Fig. 5.
       norm: batch-norm settings and the compute/parameter dtypes.
       zero_init_residual: zero-init the last BN scale of each block.
+      remat_stem: recompute the stem's forward in the backward pass (``nnx.remat``) instead
+        of keeping its activations; the same numbers, less memory where the stem's
+        full-resolution activations make the step's peak (the attention stem on TPU and GPU).
     """
 
     def __init__(
@@ -248,6 +251,7 @@ class ResNet(nnx.Module):
         in_features: int = 3,
         norm: Norm = Norm(),
         zero_init_residual: bool = False,
+        remat_stem: bool = False,
         rngs: nnx.Rngs,
     ):
         if len(spatial) != len(stage_sizes):
@@ -256,6 +260,7 @@ class ResNet(nnx.Module):
             )
         widths = [_scaled(w, width_multiplier) for w in STAGE_WIDTHS[: len(stage_sizes)]]
         self.stem = stem(in_features, _scaled(64, width_multiplier), rngs=rngs)
+        self.remat_stem = remat_stem
         features = self.stem.out_features
         self.stages = nnx.List()
         for index, (blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
@@ -287,7 +292,7 @@ class ResNet(nnx.Module):
     def features(self, x: Array) -> dict[str, Array]:
         """Multi-scale features for detection: outputs of stages 2-5 (``c2``..``c5``),
         at strides 4, 8, 16 and 32."""
-        y = self.stem(x)
+        y = _rematerialised(self.stem, x) if self.remat_stem else self.stem(x)
         out = {}
         for index, stage in enumerate(self.stages):
             for block in stage:
@@ -301,6 +306,12 @@ class ResNet(nnx.Module):
             raise ValueError("this ResNet was built without a classifier (num_classes=0)")
         y = self.features(x)[f"c{len(self.stages) + 1}"]
         return self.head(jnp.mean(y, axis=(1, 2))).astype(jnp.float32)
+
+
+@nnx.remat
+def _rematerialised(module: nnx.Module, x: Array) -> Array:
+    """``module(x)``, its forward recomputed in the backward pass."""
+    return module(x)
 
 
 def _scaled(width: int, multiplier: float) -> int:

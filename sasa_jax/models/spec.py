@@ -77,6 +77,9 @@ class ModelSpec:
     # the conv stem's 3x3 stride-2 pool: "max" (the paper's) or "avg" (not in the paper: a
     # control for what the max pool gives the conv stem)
     stem_pool: str = "max"
+    # recompute the stem's forward in the backward pass instead of keeping its full-resolution
+    # activations: less accelerator memory, one more forward of the stem (docs/performance.md)
+    stem_remat: bool = False
 
     @classmethod
     def from_config(cls, model_config: Any, **overrides) -> ModelSpec:
@@ -227,6 +230,7 @@ def build_model(
         width_multiplier=spec.width_multiplier,
         norm=norm,
         zero_init_residual=spec.zero_init_residual,
+        remat_stem=spec.stem_remat,
         rngs=rngs,
     )
 
