@@ -64,25 +64,43 @@ def _kernel_outputs(module, window: int, border: str) -> list:
     return [var.aval.dtype for var in calls[0].outvars[:3]]
 
 
-@pytest.mark.parametrize("implementation", LAYOUTS)
-def test_block_gradients_in_bfloat16_stay_close_to_the_reference(implementation):
-    """bf16 block attention (the stem's 4x4 blocks): q, k and v gradients in bf16, within
-    bf16's rounding of the float32 reference on the same rounded inputs."""
-    arrays = _inputs(7)
-    q, k, v, rel_row, rel_col, c_out = _rounded(arrays)
+def _attention(geometry: str, implementation: str):
+    """The stem's 4x4 blocks ("blocks") or overlapping 3x3 windows ("windows")."""
 
     def attend(q, k, v, rel_row, rel_col):
-        return sasa_jax.block_attention(
-            q, k, v, block=4, rel_row=rel_row, rel_col=rel_col, implementation=implementation
-        )
+        tables = dict(rel_row=rel_row, rel_col=rel_col, implementation=implementation)
+        if geometry == "blocks":
+            return sasa_jax.block_attention(q, k, v, block=4, **tables)
+        return sasa_jax.local_attention(q, k, v, window=3, **tables)
 
-    grads = _grads(attend, arrays, jnp.bfloat16)
-    zeros = np.zeros((2 * 2 * 4, 4, 4, 2, 16))
-    *_, ref = reference_block_attention_np(q, k, v, rel_row, rel_col, 4, c_out=c_out, c_w=zeros)
-    for got, want in zip(grads, ref[:3], strict=True):
+    return attend
+
+
+def _reference_grads(geometry: str, q, k, v, rel_row, rel_col, c_out) -> tuple:
+    """dq, dk, dv of ``sum(out * c_out)`` from the float64 NumPy reference."""
+    if geometry == "blocks":
+        zeros = np.zeros((SHAPE[0] * (SHAPE[1] // 4) * (SHAPE[2] // 4), 4, 4, SHAPE[3], 16))
+        grads = reference_block_attention_np(q, k, v, rel_row, rel_col, 4, c_out=c_out, c_w=zeros)
+    else:
+        zeros = np.zeros(SHAPE[:4] + (9,))
+        tables = dict(window=3, dilation=1, border="mask", c_out=c_out, c_w=zeros)
+        grads = reference_attention_np(q, k, v, rel_row, rel_col, **tables)
+    return grads[2][:3]
+
+
+@pytest.mark.parametrize("geometry, table_rows", [("blocks", 7), ("windows", 3)])
+@pytest.mark.parametrize("implementation", LAYOUTS)
+def test_bfloat16_gradients_stay_close_to_the_reference(implementation, geometry, table_rows):
+    """bf16 inputs: q, k and v gradients in bf16, within bf16's rounding of the float32
+    reference on the same rounded inputs; for the blocks written in bf16 by the kernel, for
+    the windows added up in float32 on the map and then rounded."""
+    arrays = _inputs(table_rows)
+    grads = _grads(_attention(geometry, implementation), arrays, jnp.bfloat16)
+    want = _reference_grads(geometry, *_rounded(arrays))
+    for got, ref in zip(grads, want, strict=True):
         assert got.dtype == jnp.bfloat16
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(np.float32(got) / scale, want / scale, atol=2e-2)
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(np.float32(got) / scale, ref / scale, atol=2e-2)
 
 
 @pytest.mark.parametrize("module", [pallas_gpu, pallas_tpu], ids=["gpu", "tpu"])
@@ -92,34 +110,3 @@ def test_backward_writes_half_precision_where_nothing_adds_up(module):
     the halos' gradients are added up on the map afterwards."""
     assert _kernel_outputs(module, 4, BLOCKS) == [jnp.bfloat16] * 3
     assert _kernel_outputs(module, 3, "mask") == [jnp.bfloat16, jnp.float32, jnp.float32]
-
-
-@pytest.mark.parametrize("implementation", LAYOUTS)
-def test_window_gradients_in_bfloat16_stay_close_to_the_reference(implementation):
-    """Overlapping 3x3 windows in bf16: the halos' float32 gradients, added up on the map and
-    then rounded, within bf16's rounding of the float32 reference."""
-    arrays = _inputs(3)
-    q, k, v, rel_row, rel_col, c_out = _rounded(arrays)
-
-    def attend(q, k, v, rel_row, rel_col):
-        return sasa_jax.local_attention(
-            q, k, v, window=3, rel_row=rel_row, rel_col=rel_col, implementation=implementation
-        )
-
-    grads = _grads(attend, arrays, jnp.bfloat16)
-    *_, ref = reference_attention_np(
-        q,
-        k,
-        v,
-        rel_row,
-        rel_col,
-        window=3,
-        dilation=1,
-        border="mask",
-        c_out=c_out,
-        c_w=np.zeros(SHAPE[:4] + (9,)),
-    )
-    for got, want in zip(grads, ref[:3], strict=True):
-        assert got.dtype == jnp.bfloat16
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(np.float32(got) / scale, want / scale, atol=2e-2)
