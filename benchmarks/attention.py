@@ -33,7 +33,8 @@ import roofline
 from flax import nnx
 
 import sasa_jax
-from sasa_jax.nn.attention import SelfAttention2D, StemAttention
+from sasa_jax.nn.attention import SelfAttention2D
+from sasa_jax.nn.stem_attention import StemAttention
 
 STAGES = ("56x64", "28x128", "14x256", "7x512")
 ON_CPU = jax.default_backend() == "cpu"

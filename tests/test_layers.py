@@ -14,7 +14,8 @@ from flax import nnx
 
 from sasa_jax.models import AttentionStem
 from sasa_jax.nn import SlidingStemAttention, block_max
-from sasa_jax.nn.attention import SelfAttention2D, StemAttention, sinusoidal_2d
+from sasa_jax.nn.attention import SelfAttention2D, sinusoidal_2d
+from sasa_jax.nn.stem_attention import StemAttention
 
 
 def _params(module) -> int:

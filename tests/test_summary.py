@@ -13,7 +13,8 @@ from flax import nnx
 
 from sasa_jax.analysis.flops import module_flops
 from sasa_jax.analysis.model_summary import summarize_config
-from sasa_jax.nn.attention import SelfAttention2D, StemAttention
+from sasa_jax.nn.attention import SelfAttention2D
+from sasa_jax.nn.stem_attention import StemAttention
 from sasa_jax.train import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

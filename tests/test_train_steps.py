@@ -20,8 +20,9 @@ from flax import nnx
 from sasa_jax import data, tasks
 from sasa_jax.models import ModelSpec, build_model
 from sasa_jax.models.heads import class_prior_bias
-from sasa_jax.nn.attention import SelfAttention2D, StemAttention
+from sasa_jax.nn.attention import SelfAttention2D
 from sasa_jax.nn.norm import BatchNorm
+from sasa_jax.nn.stem_attention import StemAttention
 from sasa_jax.tasks import detection as detection_task
 from sasa_jax.train import config as config_lib
 from sasa_jax.train.steps import (

@@ -2,7 +2,8 @@
 
 ``local_attention`` and ``block_attention`` check their arguments and run one module per
 implementation, through a primitive lowered per platform (``dispatch``): ``auto`` chooses per
-lowering platform. Importing an implementation module registers it.
+lowering platform. Importing an implementation module registers it. ``stem_attention`` is
+the attention stem's attention with its projections in the TPU kernel's tile layout.
 """
 
 from sasa_jax.attention import gather, native, pallas, tiled  # noqa: F401  (register them)
@@ -20,6 +21,7 @@ from sasa_jax.attention.api import (
     softmax_dtype,
     to_blocks,
 )
+from sasa_jax.attention.stem_tpu import stem_attention
 from sasa_jax.attention.windows import BLOCKS, BORDERS, AxisWindow, axis_window, rel_length
 
 __all__ = [
@@ -39,5 +41,6 @@ __all__ = [
     "registered",
     "rel_length",
     "softmax_dtype",
+    "stem_attention",
     "to_blocks",
 ]

@@ -184,7 +184,7 @@ def halos(x: Array, lay: Layout) -> Array:
     return _gather([_flat(x)], lay.halo_index, lay.keys, x.shape[3])[0]
 
 
-def _tables(rel_row: Array, rel_col: Array, channels: int) -> tuple[Array, Array]:
+def wide_tables(rel_row: Array, rel_col: Array, channels: int) -> tuple[Array, Array]:
     """The tables transposed at full channel width, ``[C, L]``: the row table in channels
     ``[0, d/2)``, the column table in ``[d/2, d)``, zeros elsewhere."""
     half = rel_row.shape[1]
@@ -240,8 +240,17 @@ def _cost(kernel, lay: Layout, spec: TpuSpec, inputs: dict, outputs: dict) -> pl
     )
 
 
-def _call(kernel, lay: Layout, spec: TpuSpec, inputs: dict, outputs: dict, interpret: bool):
-    """``pallas_call`` over the grid (image, tile) with ``inputs`` and ``outputs`` by name."""
+def kernel_call(
+    kernel,
+    lay: Layout,
+    spec: TpuSpec,
+    inputs: dict,
+    outputs: dict,
+    interpret: bool,
+    name: str = "sasa_tpu",
+):
+    """``pallas_call`` over the grid (image, tile) with ``inputs`` and ``outputs`` by name,
+    named ``{name}_{kernel's name}``."""
     from jax.experimental.pallas import tpu as pltpu
 
     shapes = {name: tuple(x.shape) for name, x in inputs.items()}
@@ -256,7 +265,7 @@ def _call(kernel, lay: Layout, spec: TpuSpec, inputs: dict, outputs: dict, inter
         interpret=interpret,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         cost_estimate=_cost(kernel, lay, spec, inputs, outputs),
-        name=f"sasa_tpu_{kernel.__name__}",
+        name=f"{name}_{kernel.__name__}",
     )(*inputs.values())
 
 
@@ -285,7 +294,7 @@ def _prepare(q, k, v, rel_row, rel_col, rows, cols) -> _Prepared:
     inputs["rsel"] = jnp.asarray(lay.row_select)
     inputs["csel"] = jnp.asarray(lay.col_select)
     if has_rel:
-        inputs["rr"], inputs["rc"] = _tables(rel_row, rel_col, q.shape[-1])
+        inputs["rr"], inputs["rc"] = wide_tables(rel_row, rel_col, q.shape[-1])
     assert tuple(inputs) == tuple(n for n in FORWARD_INPUTS if n in inputs)
     return _Prepared(lay, spec, inputs)
 
@@ -299,7 +308,7 @@ def forward(q, k, v, rel_row, rel_col, rows, cols, *, interpret: bool = False):
         "out": jax.ShapeDtypeStruct((b, t, n, v_h.shape[3], call.lay.tq), v.dtype),
         "lse": jax.ShapeDtypeStruct((b, t, n, call.lay.tq), jnp.float32),
     }
-    out, lse = _call(forward_kernel, call.lay, call.spec, call.inputs, outputs, interpret)
+    out, lse = kernel_call(forward_kernel, call.lay, call.spec, call.inputs, outputs, interpret)
     # The log-sum-exp's bits ride with the output's channels through one gather.
     lse_bits = jax.lax.bitcast_convert_type(lse, v.dtype)  # [b, T, n, TQ(, k)]
     lse_bits = lse_bits.reshape(b, t, n, call.lay.tq, -1).transpose(0, 2, 4, 1, 3)
@@ -337,7 +346,7 @@ def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, *, interpre
     if rel_row is not None:
         for name in ("rr", "rc"):
             outputs["d" + name] = jax.ShapeDtypeStruct((b, t, *inputs[name].shape), f32)
-    results = _call(backward_kernel, lay, call.spec, inputs, outputs, interpret)
+    results = kernel_call(backward_kernel, lay, call.spec, inputs, outputs, interpret)
     grads = dict(zip(outputs, results, strict=True))
     d_v = _from_halos(grads["dv"], lay, v)
     d_k = None if k is None else _from_halos(grads["dk"], lay, k)
@@ -360,4 +369,14 @@ def _from_halos(grads: Array, lay: Layout, like: Array) -> Array:
     return halo_vjp(grads)[0].astype(like.dtype)
 
 
-__all__ = ["TILE", "backward", "forward", "halos", "layout", "tiles", "untile"]
+__all__ = [
+    "TILE",
+    "backward",
+    "forward",
+    "halos",
+    "kernel_call",
+    "layout",
+    "tiles",
+    "untile",
+    "wide_tables",
+]

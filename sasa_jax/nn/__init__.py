@@ -7,7 +7,6 @@ from sasa_jax.nn.attention import (
     POSITIONAL,
     STEM_VALUES,
     SelfAttention2D,
-    StemAttention,
     relative_logit_maps,
     sinusoidal_2d,
 )
@@ -15,6 +14,7 @@ from sasa_jax.nn.conv import Conv1x1, conv3x3, subsample
 from sasa_jax.nn.norm import BatchNorm, Norm, set_batch_axis
 from sasa_jax.nn.pool import block_max
 from sasa_jax.nn.sliding_stem import SlidingStemAttention, image_windows
+from sasa_jax.nn.stem_attention import StemAttention
 
 __all__ = [
     "LOGITS",

@@ -1,0 +1,262 @@
+"""The attention stem's attention on TPU, its projections done in the kernel's tile layout.
+
+``block_attention`` takes q, k and v as maps: on TPU each is then cut into the kernel's tiles
+(``pallas_tpu``: a gather of a ``[b, n*c, H*W]`` copy), and the backward pass cuts the maps
+again and puts the gradients back on the map. The stem's input has a few channels (3 for
+RGB), so here the input is cut into tiles once and q, k and the values are formed from its
+tiles, in the forward pass and again in the backward pass: no full-resolution q, k or v map,
+nor its copies, is made or kept. Each block is its own tile's halo (the stem's 4x4 blocks lie
+inside the 8x16 tiles), and each lane of a tile is one position of the map, so a position's
+spatially-aware value matrix (eq. 8-9) is the same for that lane in every tile.
+
+``stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=..., block=...)`` is two primitives
+under a ``custom_vjp``, lowered for TPU (the Mosaic kernels) and CPU (the same kernels in
+Pallas's interpret mode, for tests), each under ``per_device`` over several devices.
+``nn.StemAttention`` takes it on TPU through ``lax.platform_dependent``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import dispatch as _jax_dispatch  # no public API for the set below
+from jax.extend import core
+from jax.interpreters import mlir
+
+from sasa_jax.attention import pallas_tpu
+from sasa_jax.attention.pallas_tpu_kernel import TpuSpec, backward_kernel, forward_kernel
+from sasa_jax.attention.per_device import per_device
+from sasa_jax.attention.windows import BLOCKS, axis_window
+
+Array = jax.Array
+
+# The kernels' names here (``sasa_tpu_stem_forward_kernel``, ``..._backward_kernel``).
+KERNEL_NAME = "sasa_tpu_stem"
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """One call's static parameters: heads, the block, the map's size, the query scale."""
+
+    heads: int
+    block: int
+    height: int
+    width: int
+    scale: float
+
+    def layout(self) -> pallas_tpu.Layout:
+        rows = axis_window(self.height, self.block, 1, BLOCKS)
+        cols = axis_window(self.width, self.block, 1, BLOCKS)
+        return pallas_tpu.layout(rows.spec, cols.spec)
+
+    def lane_positions(self) -> np.ndarray | None:
+        """``[TQ]``: each lane's position inside its block, ``row % block * block + col %
+        block``, the same in every tile (lanes past the map hold zeros: position 0); None
+        where tiles start off the blocks' grid, so that a lane's position varies."""
+        lay = self.layout()
+        index = np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq)
+        rows, cols = index // self.width % self.block, index % self.width % self.block
+        inside = index < self.height * self.width
+        positions = np.where(inside, rows * self.block + cols, -1)
+        first = positions.max(axis=0)  # each lane's position where it is inside the map
+        if np.any((positions != first[None]) & inside):
+            return None
+        return np.maximum(first, 0)
+
+
+def fits(height: int, width: int, block: int) -> bool:
+    """Whether ``stem_attention`` takes a ``height x width`` map of ``block x block`` blocks:
+    the TPU layout's tiles must start on the blocks' grid (blocks of 1, 2, 4 or 8 do)."""
+    if height % block or width % block:
+        return False
+    return Static(1, block, height, width, 1.0).lane_positions() is not None
+
+
+def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
+    """q, k and v tiles ``[b, T, heads, c, TQ]`` from the input's tiles ``[b, T, cin, TQ]``:
+    ``wq``, ``wk`` ``[cin, heads*c]``, ``wv`` ``[block*block*cin, heads*c]`` (one value
+    matrix per position of the block)."""
+    cin, width = wq.shape
+    c = width // static.heads
+    dtype = x_t.dtype
+    scale = jnp.asarray(static.scale, dtype)
+    q = jnp.einsum("btiq,ihc->bthcq", x_t, wq.astype(dtype).reshape(cin, static.heads, c))
+    k = jnp.einsum("btiq,ihc->bthcq", x_t, wk.astype(dtype).reshape(cin, static.heads, c))
+    lanes = wv.astype(dtype).reshape(-1, cin, static.heads, c)[static.lane_positions()]
+    v = jnp.einsum("btiq,qihc->bthcq", x_t, lanes)
+    return q * scale, k, v
+
+
+def _spec(static: Static, dtype, table_rows: int) -> TpuSpec:
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return TpuSpec(static.heads, True, True, table_rows, table_rows, precision)
+
+
+def _kernel_inputs(q, k, v, rel_row, rel_col, lay, channels: int) -> dict:
+    rr, rc = pallas_tpu.wide_tables(rel_row.astype(q.dtype), rel_col.astype(q.dtype), channels)
+    select = {"rsel": jnp.asarray(lay.row_select), "csel": jnp.asarray(lay.col_select)}
+    return {"q": q, "k": k, "v": v, **select, "rr": rr, "rc": rc}
+
+
+def _forward(x, wq, wk, wv, rel_row, rel_col, *, static: Static, interpret: bool):
+    """``[out map [b, H, W, heads*c], out tiles [b, T, heads, c, TQ], lse [b, T, heads, TQ]]``."""
+    lay = static.layout()
+    x_t = pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
+    q, k, v = _projections(x_t, wq, wk, wv, static)
+    b, t, n, c, tq = q.shape
+    outputs = {
+        "out": jax.ShapeDtypeStruct(q.shape, x.dtype),
+        "lse": jax.ShapeDtypeStruct((b, t, n, tq), jnp.float32),
+    }
+    inputs = _kernel_inputs(q, k, v, rel_row, rel_col, lay, c)
+    spec = _spec(static, x.dtype, rel_row.shape[0])
+    out_t, lse_t = pallas_tpu.kernel_call(
+        forward_kernel, lay, spec, inputs, outputs, interpret, name=KERNEL_NAME
+    )
+    out = pallas_tpu.untile(out_t, lay, (b, *x.shape[1:3], n, c))
+    return [out.reshape(*x.shape[:3], n * c), out_t, lse_t]
+
+
+def _backward(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, static, interpret):
+    """The gradients of x, wq, wk, wv and the tables (each in its input's dtype)."""
+    lay = static.layout()
+    dtype = x.dtype
+    x_t = pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
+    (q, k, v), project_vjp = jax.vjp(lambda *a: _projections(*a, static), x_t, wq, wk, wv)
+    b, t, n, c, tq = q.shape
+    d_out_t = pallas_tpu.tiles(d_out.reshape(*x.shape[:3], n, c).astype(dtype), lay)
+    f32 = jnp.float32
+    delta = jnp.sum(d_out_t.astype(f32) * out_t.astype(f32), axis=3)
+    inputs = _kernel_inputs(q, k, v, rel_row, rel_col, lay, c)
+    inputs.update({"do": d_out_t, "lse": lse_t, "delta": delta})
+    table = (b, t, *inputs["rr"].shape)
+    outputs = {
+        "dq": jax.ShapeDtypeStruct(q.shape, dtype),  # each key in one tile: nothing adds up
+        "dk": jax.ShapeDtypeStruct(k.shape, dtype),
+        "dv": jax.ShapeDtypeStruct(v.shape, dtype),
+        "drr": jax.ShapeDtypeStruct(table, f32),
+        "drc": jax.ShapeDtypeStruct(table, f32),
+    }
+    spec = _spec(static, dtype, rel_row.shape[0])
+    dq, dk, dv, drr, drc = pallas_tpu.kernel_call(
+        backward_kernel, lay, spec, inputs, outputs, interpret, name=KERNEL_NAME
+    )
+    dx_t, dwq, dwk, dwv = project_vjp((dq, dk, dv))
+    dx = pallas_tpu.untile(dx_t[:, :, None], lay, (*x.shape[:3], 1, x.shape[3]))
+    half = rel_row.shape[1]
+    d_row = drr.sum(axis=(0, 1))[:half].T
+    d_col = drc.sum(axis=(0, 1))[half : 2 * half].T
+    grads = (dx.reshape(x.shape), dwq, dwk, dwv, d_row, d_col)
+    likes = (x, wq, wk, wv, rel_row, rel_col)
+    return [g.astype(p.dtype) for g, p in zip(grads, likes, strict=True)]
+
+
+stem_p = core.Primitive("sasa_stem_attention")
+stem_p.multiple_results = True
+stem_bwd_p = core.Primitive("sasa_stem_attention_bwd")
+stem_bwd_p.multiple_results = True
+
+
+def _forward_abstract(x, wq, wk, wv, rel_row, rel_col, *, static: Static):
+    lay = static.layout()
+    b, n = x.shape[0], static.heads
+    c = wq.shape[1] // n
+    return (
+        jax.core.ShapedArray((*x.shape[:3], n * c), x.dtype),
+        jax.core.ShapedArray((b, lay.tiles, n, c, lay.tq), x.dtype),
+        jax.core.ShapedArray((b, lay.tiles, n, lay.tq), jnp.float32),
+    )
+
+
+def _backward_abstract(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, static):
+    return tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in (x, wq, wk, wv, rel_row, rel_col))
+
+
+def _rule(fn, interpret: bool):
+    def rule(ctx, *args, static: Static):
+        lowered = per_device(ctx, functools.partial(fn, static=static, interpret=interpret))
+        return mlir.lower_fun(lowered, multiple_results=True)(ctx, *args)
+
+    return rule
+
+
+def _eager(primitive):
+    def impl(*args, **params):
+        return jax.jit(lambda *a: primitive.bind(*a, **params))(*args)
+
+    return impl
+
+
+for _primitive, _abstract, _fn in (
+    (stem_p, _forward_abstract, _forward),
+    (stem_bwd_p, _backward_abstract, _backward),
+):
+    _primitive.def_abstract_eval(_abstract)
+    _primitive.def_impl(_eager(_primitive))
+    mlir.register_lowering(_primitive, _rule(_fn, False), platform="tpu")
+    mlir.register_lowering(_primitive, _rule(_fn, True), platform="cpu")
+_jax_dispatch.prim_requires_devices_during_lowering.update({stem_p, stem_bwd_p})
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _stem(x, wq, wk, wv, rel_row, rel_col, static: Static):
+    return stem_p.bind(x, wq, wk, wv, rel_row, rel_col, static=static)[0]
+
+
+def _stem_fwd(x, wq, wk, wv, rel_row, rel_col, static: Static):
+    out, out_t, lse_t = stem_p.bind(x, wq, wk, wv, rel_row, rel_col, static=static)
+    return out, (x, wq, wk, wv, rel_row, rel_col, out_t, lse_t)
+
+
+def _stem_bwd(static: Static, residuals, d_out):
+    return tuple(stem_bwd_p.bind(*residuals, d_out, static=static))
+
+
+_stem.defvjp(_stem_fwd, _stem_bwd)
+
+
+def stem_attention(
+    x: Array,
+    wq: Array,
+    wk: Array,
+    wv: Array,
+    rel_row: Array,
+    rel_col: Array,
+    *,
+    heads: int,
+    block: int,
+) -> Array:
+    """Attention in each ``block x block`` tile of ``x`` with q, k and v projected from it:
+    ``q = (x @ wq) / sqrt(c)``, ``k = x @ wk``, ``v`` = ``x`` times its position's value
+    matrix; the numbers of ``block_attention`` on those maps.
+
+    Args:
+      x: ``[b, H, W, cin]``, H and W multiples of ``block``; the compute dtype.
+      wq, wk: ``[cin, heads*c]``.
+      wv: ``[block*block*cin, heads*c]``: for position ``(a, b)`` of the block, rows
+        ``(a*block + b)*cin`` on (eq. 8's mixed value matrix there).
+      rel_row, rel_col: ``[2*block-1, c/2]``.
+
+    Returns:
+      ``[b, H, W, heads*c]`` in ``x``'s dtype. Lowered for TPU (and for CPU in interpret
+      mode); on other platforms there is no lowering.
+    """
+    cin, width = wq.shape
+    if x.ndim != 4 or x.shape[3] != cin or x.shape[1] % block or x.shape[2] % block:
+        raise ValueError(
+            f"x must be [b, H, W, {cin}] with H and W multiples of {block}, got {x.shape}"
+        )
+    if not fits(x.shape[1], x.shape[2], block):
+        raise ValueError(f"the TPU layout's tiles do not start on the {block}x{block} blocks' grid")
+    if width % heads or wv.shape != (block * block * cin, width):
+        raise ValueError(f"wv must be {(block * block * cin, width)}, got {wv.shape}")
+    c = width // heads
+    static = Static(heads, block, x.shape[1], x.shape[2], c**-0.5)
+    return _stem(x, wq, wk, wv, rel_row, rel_col, static)
+
+
+__all__ = ["KERNEL_NAME", "fits", "stem_attention", "stem_bwd_p", "stem_p"]

@@ -1,0 +1,212 @@
+"""The attention stem's attention (eq. 4-9) as a Flax NNX layer: attention in each block x
+block tile with spatially-aware (or stand-alone, or convolutional) values. Its
+initialisation follows ``nn.attention``'s; on TPU its projections run in the kernel's tile
+layout (``attention.stem_tpu``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sasa_jax.attention import block_attention, from_blocks, stem_attention, stem_tpu
+from sasa_jax.nn.attention import (
+    STEM_VALUES,
+    _check_implementation,
+    _choice,
+    _project,
+    _projection,
+    _split_heads,
+)
+from sasa_jax.nn.stem_values import check_stem_heads, mixture_weights, spatial_value_params
+
+Array = jax.Array
+
+
+class StemAttention(nnx.Module):
+    """The attention stem's attention (eq. 4-9): attention in each block x block tile.
+
+    Maps ``[batch, H, W, in_features]`` to ``[batch, H, W, out_features]``; queries attend to
+    every pixel of their own non-overlapping ``block x block`` tile with relative logits
+    (offsets in ``[-(block-1), block-1]``): ``block_attention``. ``models.AttentionStem``
+    follows it with batch norm, ReLU and a ``block x block`` max pool (224x224x3 ->
+    56x56x64).
+
+    values:
+      "spatially_aware" (default, eq. 8-9): ``v_ab = (sum_m p(a,b,m) W_V^m) x_ab`` with
+        ``p(a,b,m) = softmax_m((emb_row(a) + emb_col(b)) . nu_m)``, (a, b) the absolute position
+        inside the tile; p is shared across heads.
+      "stand_alone": plain eq. 3 values ``W_V x``.
+      "spatial_conv_values": values from a block x block "SAME" convolution (no bias).
+
+    A query's output lies in the span of its block's values: ``num_mixtures * in_features``
+    directions for spatially-aware values (4 for grayscale input with M = 4), ``in_features``
+    for stand-alone ones. ``zero_query`` starts ``W_Q`` at zero, so every query first averages
+    its block's values uniformly (a patch embedding) and learns where to look.
+
+    On TPU, with ``implementation="auto"`` and spatially-aware or stand-alone values, the
+    projections run in the kernel's tile layout (``attention.stem_tpu``): the same numbers
+    without full-resolution q, k and v maps. Everywhere else, and for the weights, they run
+    on the map before ``block_attention``.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 3,
+        out_features: int = 64,
+        *,
+        block: int = 4,
+        num_heads: int = 4,
+        num_mixtures: int = 4,
+        values: str = "spatially_aware",
+        zero_query: bool = False,
+        embed_dim: int | None = None,
+        implementation: str = "auto",
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _choice(values, "values", STEM_VALUES)
+        _check_implementation(implementation)
+        if block < 1 or num_mixtures < 1:
+            raise ValueError(f"block and num_mixtures must be >= 1, got {block}, {num_mixtures}")
+        check_stem_heads(out_features, num_heads)
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.num_heads = block, num_heads
+        self.head_dim = out_features // num_heads
+        self.values, self.implementation, self.dtype = values, implementation, dtype
+        # set True to sow the attention weights (on the map), inputs and outputs
+        self.capture = False
+        self.query = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        if zero_query:  # uniform weights in every block at first (see the class docstring)
+            self.query.kernel.set_value(jnp.zeros_like(self.query.kernel[...]))
+        self.key = _projection(in_features, out_features, dtype, param_dtype, rngs)
+        normal = jax.nn.initializers.normal(1.0)
+        table = (2 * block - 1, self.head_dim // 2)
+        self.rel_row = nnx.Param(normal(rngs.params(), table, param_dtype))
+        self.rel_col = nnx.Param(normal(rngs.params(), table, param_dtype))
+        self.value = (
+            _projection(in_features, out_features, dtype, param_dtype, rngs)
+            if values == "stand_alone"
+            else None
+        )
+        self.value_conv = (
+            nnx.Conv(
+                in_features,
+                out_features,
+                (block, block),
+                padding="SAME",
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            if values == "spatial_conv_values"
+            else None
+        )
+        if values == "spatially_aware":
+            self.value_mixture, self.emb_row, self.emb_col, self.mixture_emb = spatial_value_params(
+                block,
+                in_features,
+                out_features,
+                num_mixtures,
+                embed_dim or out_features,
+                param_dtype,
+                rngs,
+            )
+        else:
+            self.value_mixture = self.emb_row = self.emb_col = self.mixture_emb = None
+
+    def mixture_weights(self) -> Array:
+        """p(a, b, m) of eq. 9, ``[block, block, num_mixtures]`` (float32)."""
+        return mixture_weights(self.emb_row[...], self.emb_col[...], self.mixture_emb[...])
+
+    def _values(self, x: Array) -> Array:
+        if self.value is not None:
+            return _project(self.value, x)
+        if self.value_conv is not None:
+            return self.value_conv(x)
+        # Mix the M value matrices per position class, then apply the 16 mixed matrices.
+        kernels = self.value_mixture[...]
+        dtype = self.dtype or jnp.result_type(x.dtype, kernels.dtype)
+        mixed = jnp.einsum("abm,mco->abco", self.mixture_weights(), kernels.astype(jnp.float32))
+        b, h, w, c = x.shape
+        tiles = x.reshape(b, h // self.block, self.block, w // self.block, self.block, c)
+        v = jnp.einsum("bhawgc,agco->bhawgo", tiles.astype(dtype), mixed.astype(dtype))
+        return v.reshape(b, h, w, self.out_features)
+
+    def __call__(self, x: Array, *, return_weights: bool = False):
+        """``x: [b, H, W, in_features] -> [b, H, W, out_features]`` (and the weights
+        ``[b*(H/s)*(W/s), s, s, heads, s*s]`` per tile). With ``capture`` set, it also sows
+        the weights on the map, ``[b, H, W, heads, s*s]``, as ``attention_weights``."""
+        if x.ndim != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected [batch, height, width, {self.in_features}], got {tuple(x.shape)}"
+            )
+        if x.shape[1] % self.block or x.shape[2] % self.block:
+            raise ValueError(
+                f"the attention stem needs height and width divisible by block={self.block}, "
+                f"got {tuple(x.shape[1:3])}"
+            )
+        want_weights = return_weights or self.capture
+        tiles_fit = stem_tpu.fits(x.shape[1], x.shape[2], self.block)
+        map_only = self.implementation != "auto" or self.values == "spatial_conv_values"
+        if want_weights or map_only or not tiles_fit:
+            out, weights = self._attend(x, want_weights)
+        else:  # on TPU the kernel's tile layout takes the projections (attention.stem_tpu)
+            out = jax.lax.platform_dependent(
+                x, tpu=self._attend_in_tiles, default=lambda x: self._attend(x, False)[0]
+            )
+            weights = None
+        if self.capture:
+            self.sow(nnx.Intermediate, "attention_weights", from_blocks(weights, x.shape[:3]))
+            self.sow(nnx.Intermediate, "inputs", x)
+            self.sow(nnx.Intermediate, "outputs", out)
+        return (out, weights) if return_weights else out
+
+    def _attend(self, x: Array, want_weights: bool) -> tuple[Array, Array | None]:
+        """Projections on the map, then ``block_attention``: ``[b, H, W, out_features]`` (and
+        the weights when ``want_weights``)."""
+        q = _project(self.query, x)
+        q = q * jnp.asarray(self.head_dim**-0.5, q.dtype)
+        k, v = _project(self.key, x), self._values(x)
+        q, k, v = (_split_heads(t, self.num_heads) for t in (q, k, v))
+        result = block_attention(
+            q,
+            k,
+            v,
+            block=self.block,
+            rel_row=self.rel_row[...].astype(q.dtype),
+            rel_col=self.rel_col[...].astype(q.dtype),
+            implementation=self.implementation,
+            return_weights=want_weights,
+        )
+        out, weights = result if want_weights else (result, None)
+        return out.reshape(*x.shape[:3], self.out_features), weights
+
+    def _attend_in_tiles(self, x: Array) -> Array:
+        """``_attend``'s numbers with the projections in the TPU kernel's tile layout
+        (``attention.stem_tpu``): spatially-aware and stand-alone values."""
+        kernel = self.query.kernel[...]
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        if self.value is not None:  # one value matrix for every position of the block
+            values = jnp.tile(self.value.kernel[...], (self.block * self.block, 1))
+        else:
+            mixed = jnp.einsum(
+                "abm,mco->abco",
+                self.mixture_weights(),
+                self.value_mixture[...].astype(jnp.float32),
+            )
+            values = mixed.reshape(-1, self.out_features)
+        return stem_attention(
+            x.astype(dtype),
+            kernel,
+            self.key.kernel[...],
+            values,
+            self.rel_row[...],
+            self.rel_col[...],
+            heads=self.num_heads,
+            block=self.block,
+        )
