@@ -205,14 +205,19 @@ def _eager(primitive):
     return impl
 
 
-for _primitive, _abstract, _rule in (
-    (attention_p, _forward_abstract, _forward_rule),
-    (attention_bwd_p, _backward_abstract, _backward_rule),
-):
-    _primitive.def_abstract_eval(_abstract)
-    _primitive.def_impl(_eager(_primitive))
-    for _platform in PLATFORMS:
-        mlir.register_lowering(_primitive, _rule(_platform), platform=_platform)
+def define(primitive: core.Primitive, abstract, rules: dict) -> None:
+    """A kernel primitive's abstract evaluation, its eager rule (its own bind under
+    ``jax.jit``), a lowering rule per platform (``rules``: platform -> rule), and that it needs
+    its devices when lowered (``per_device``)."""
+    primitive.def_abstract_eval(abstract)
+    primitive.def_impl(_eager(primitive))
+    for platform, rule in rules.items():
+        mlir.register_lowering(primitive, rule, platform=platform)
+    _jax_dispatch.prim_requires_devices_during_lowering.add(primitive)
+
+
+define(attention_p, _forward_abstract, {p: _forward_rule(p) for p in PLATFORMS})
+define(attention_bwd_p, _backward_abstract, {p: _backward_rule(p) for p in PLATFORMS})
 
 
 def _batching(primitive, outputs: int):
@@ -234,11 +239,6 @@ def _batching(primitive, outputs: int):
 
 batching.primitive_batchers[attention_p] = _batching(attention_p, 2)
 batching.primitive_batchers[attention_bwd_p] = _batching(attention_bwd_p, 5)
-
-# Over several devices the lowering runs the kernels under a ``shard_map`` over the jit's
-# devices (``per_device``), which needs them when it is lowered: say so, as jax's own such
-# primitives do.
-_jax_dispatch.prim_requires_devices_during_lowering.update({attention_p, attention_bwd_p})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -23,11 +23,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import dispatch as _jax_dispatch  # no public API for the set below
 from jax.extend import core
 from jax.interpreters import mlir
 
 from sasa_jax.attention import pallas_tpu
+from sasa_jax.attention.dispatch import define
 from sasa_jax.attention.pallas_tpu_kernel import TpuSpec, backward_kernel, forward_kernel
 from sasa_jax.attention.per_device import per_device
 from sasa_jax.attention.windows import BLOCKS, axis_window
@@ -176,30 +176,21 @@ def _backward_abstract(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, 
     return tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in (x, wq, wk, wv, rel_row, rel_col))
 
 
-def _rule(fn, interpret: bool):
-    def rule(ctx, *args, static: Static):
+def _rules(fn) -> dict:
+    """Lowering rules of a pass: the Mosaic kernels on TPU, interpreted on CPU (tests)."""
+
+    def rule(ctx, *args, static: Static, interpret: bool):
         lowered = per_device(ctx, functools.partial(fn, static=static, interpret=interpret))
         return mlir.lower_fun(lowered, multiple_results=True)(ctx, *args)
 
-    return rule
+    return {
+        "tpu": functools.partial(rule, interpret=False),
+        "cpu": functools.partial(rule, interpret=True),
+    }
 
 
-def _eager(primitive):
-    def impl(*args, **params):
-        return jax.jit(lambda *a: primitive.bind(*a, **params))(*args)
-
-    return impl
-
-
-for _primitive, _abstract, _fn in (
-    (stem_p, _forward_abstract, _forward),
-    (stem_bwd_p, _backward_abstract, _backward),
-):
-    _primitive.def_abstract_eval(_abstract)
-    _primitive.def_impl(_eager(_primitive))
-    mlir.register_lowering(_primitive, _rule(_fn, False), platform="tpu")
-    mlir.register_lowering(_primitive, _rule(_fn, True), platform="cpu")
-_jax_dispatch.prim_requires_devices_during_lowering.update({stem_p, stem_bwd_p})
+define(stem_p, _forward_abstract, _rules(_forward))
+define(stem_bwd_p, _backward_abstract, _rules(_backward))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
