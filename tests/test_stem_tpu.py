@@ -126,6 +126,24 @@ def test_the_layers_two_paths_agree(values):
     chex.assert_trees_all_close(tiles[1], on_map[1], rtol=1e-4, atol=1e-5)
 
 
+def test_vmap_runs_one_call_per_slice():
+    """Under ``jax.vmap`` (over a leading axis of the input) the output and the weights'
+    gradients are those of the calls one slice at a time."""
+    x, wq, wk, wv, rel_row, rel_col, _ = _arrays((8, 16), 3, 16)
+    stacked = np.stack([x, 2 * x])
+
+    def loss(x, wq):
+        out = stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=HEADS, block=BLOCK)
+        return jnp.sum(out**2)
+
+    mapped = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(0, None)))
+    values, grads = mapped(stacked, wq)
+    for index in range(2):
+        value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(stacked[index], wq)
+        np.testing.assert_allclose(values[index], value, rtol=1e-6)
+        np.testing.assert_allclose(grads[index], grad, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_refused():
     x, wq, wk, wv, rel_row, rel_col, _ = _arrays((16, 32), 3, 16)
     with pytest.raises(ValueError, match="multiples of 4"):

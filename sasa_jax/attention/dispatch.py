@@ -205,21 +205,6 @@ def _eager(primitive):
     return impl
 
 
-def define(primitive: core.Primitive, abstract, rules: dict) -> None:
-    """A kernel primitive's abstract evaluation, its eager rule (its own bind under
-    ``jax.jit``), a lowering rule per platform (``rules``: platform -> rule), and that it needs
-    its devices when lowered (``per_device``)."""
-    primitive.def_abstract_eval(abstract)
-    primitive.def_impl(_eager(primitive))
-    for platform, rule in rules.items():
-        mlir.register_lowering(primitive, rule, platform=platform)
-    _jax_dispatch.prim_requires_devices_during_lowering.add(primitive)
-
-
-define(attention_p, _forward_abstract, {p: _forward_rule(p) for p in PLATFORMS})
-define(attention_bwd_p, _backward_abstract, {p: _backward_rule(p) for p in PLATFORMS})
-
-
 def _batching(primitive, outputs: int):
     """vmap: the call runs once per slice of the vmapped axis (a ``lax.map``), the arguments
     without that axis shared."""
@@ -237,8 +222,21 @@ def _batching(primitive, outputs: int):
     return rule
 
 
-batching.primitive_batchers[attention_p] = _batching(attention_p, 2)
-batching.primitive_batchers[attention_bwd_p] = _batching(attention_bwd_p, 5)
+def define(primitive: core.Primitive, abstract, rules: dict, outputs: int) -> None:
+    """A kernel primitive's abstract evaluation, its eager rule (its own bind under
+    ``jax.jit``), a lowering rule per platform (``rules``: platform -> rule), its vmap rule
+    (one call per slice; ``outputs`` results), and that it needs its devices when lowered
+    (``per_device``)."""
+    primitive.def_abstract_eval(abstract)
+    primitive.def_impl(_eager(primitive))
+    for platform, rule in rules.items():
+        mlir.register_lowering(primitive, rule, platform=platform)
+    batching.primitive_batchers[primitive] = _batching(primitive, outputs)
+    _jax_dispatch.prim_requires_devices_during_lowering.add(primitive)
+
+
+define(attention_p, _forward_abstract, {p: _forward_rule(p) for p in PLATFORMS}, outputs=2)
+define(attention_bwd_p, _backward_abstract, {p: _backward_rule(p) for p in PLATFORMS}, outputs=5)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

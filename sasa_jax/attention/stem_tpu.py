@@ -70,7 +70,9 @@ class Static:
 
 def fits(height: int, width: int, block: int) -> bool:
     """Whether ``stem_attention`` takes a ``height x width`` map of ``block x block`` blocks:
-    the TPU layout's tiles must start on the blocks' grid (blocks of 1, 2, 4 or 8 do)."""
+    the TPU layout's tiles must start on the blocks' grid. They hold whole blocks
+    (``tiles.tile_size``), so they do whenever the map is a whole number of blocks; checked
+    here rather than assumed."""
     if height % block or width % block:
         return False
     return Static(1, block, height, width, 1.0).lane_positions() is not None
@@ -189,8 +191,8 @@ def _rules(fn) -> dict:
     }
 
 
-define(stem_p, _forward_abstract, _rules(_forward))
-define(stem_bwd_p, _backward_abstract, _rules(_backward))
+define(stem_p, _forward_abstract, _rules(_forward), outputs=3)
+define(stem_bwd_p, _backward_abstract, _rules(_backward), outputs=6)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
