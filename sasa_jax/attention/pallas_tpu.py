@@ -276,27 +276,34 @@ class _Prepared:
     inputs: dict
 
 
-def _prepare(q, k, v, rel_row, rel_col, rows, cols) -> _Prepared:
-    lay = layout(rows.spec, cols.spec)
+def prepared(lay: Layout, q_t: Array, k_h, v_h: Array, rel_row, rel_col) -> _Prepared:
+    """The kernels' spec and forward inputs from q's tiles ``[b, T, n, c, TQ]``, k's and v's
+    halos ``[b, T, n, c, M]`` (k may be None) and the tables ``[L, c/2]`` (or None)."""
     has_rel = rel_row is not None
     spec = TpuSpec(
-        heads=q.shape[3],
-        has_key=k is not None,
+        heads=q_t.shape[2],
+        has_key=k_h is not None,
         has_rel=has_rel,
         rel_rows=rel_row.shape[0] if has_rel else 0,
         rel_cols=rel_col.shape[0] if has_rel else 0,
-        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        precision=jax.lax.Precision.HIGHEST if q_t.dtype == jnp.float32 else None,
     )
-    inputs = {"q": tiles(q, lay)}
-    if k is not None:
-        inputs["k"] = halos(k, lay)
-    inputs["v"] = halos(v, lay)
+    inputs = {"q": q_t}
+    if k_h is not None:
+        inputs["k"] = k_h
+    inputs["v"] = v_h
     inputs["rsel"] = jnp.asarray(lay.row_select)
     inputs["csel"] = jnp.asarray(lay.col_select)
     if has_rel:
-        inputs["rr"], inputs["rc"] = wide_tables(rel_row, rel_col, q.shape[-1])
+        inputs["rr"], inputs["rc"] = wide_tables(rel_row, rel_col, q_t.shape[3])
     assert tuple(inputs) == tuple(n for n in FORWARD_INPUTS if n in inputs)
     return _Prepared(lay, spec, inputs)
+
+
+def _prepare(q, k, v, rel_row, rel_col, rows, cols) -> _Prepared:
+    lay = layout(rows.spec, cols.spec)
+    k_h = None if k is None else halos(k, lay)
+    return prepared(lay, tiles(q, lay), k_h, halos(v, lay), rel_row, rel_col)
 
 
 def forward(q, k, v, rel_row, rel_col, rows, cols, *, interpret: bool = False):
@@ -353,10 +360,17 @@ def backward(q, k, v, rel_row, rel_col, out, lse, d_out, rows, cols, *, interpre
     d_q = untile(grads["dq"], lay, q.shape)
     d_row = d_col = None
     if rel_row is not None:
-        half = rel_row.shape[1]
-        d_row = grads["drr"].sum(axis=(0, 1))[:half].T.astype(rel_row.dtype)
-        d_col = grads["drc"].sum(axis=(0, 1))[half : 2 * half].T.astype(rel_col.dtype)
+        d_row, d_col = table_grads(grads["drr"], grads["drc"], rel_row.shape[1])
+        d_row, d_col = d_row.astype(rel_row.dtype), d_col.astype(rel_col.dtype)
     return d_q, d_k, d_v, d_row, d_col
+
+
+def table_grads(drr: Array, drc: Array, half: int) -> tuple[Array, Array]:
+    """The tables' gradients ``[L, half]`` (float32) from the backward kernel's per-tile
+    shares of the wide tables ``[b, T, C, L]``: summed, each table's channels taken back."""
+    d_row = drr.sum(axis=(0, 1))[:half].T
+    d_col = drc.sum(axis=(0, 1))[half : 2 * half].T
+    return d_row, d_col
 
 
 def _from_halos(grads: Array, lay: Layout, like: Array) -> Array:
@@ -376,6 +390,8 @@ __all__ = [
     "halos",
     "kernel_call",
     "layout",
+    "prepared",
+    "table_grads",
     "tiles",
     "untile",
     "wide_tables",

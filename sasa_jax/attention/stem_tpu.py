@@ -28,7 +28,7 @@ from jax.interpreters import mlir
 
 from sasa_jax.attention import pallas_tpu
 from sasa_jax.attention.dispatch import define
-from sasa_jax.attention.pallas_tpu_kernel import TpuSpec, backward_kernel, forward_kernel
+from sasa_jax.attention.pallas_tpu_kernel import backward_kernel, forward_kernel
 from sasa_jax.attention.per_device import per_device
 from sasa_jax.attention.windows import BLOCKS, axis_window
 
@@ -93,31 +93,19 @@ def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
     return q * scale, k, v
 
 
-def _spec(static: Static, dtype, table_rows: int) -> TpuSpec:
-    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-    return TpuSpec(static.heads, True, True, table_rows, table_rows, precision)
-
-
-def _kernel_inputs(q, k, v, rel_row, rel_col, lay, channels: int) -> dict:
-    rr, rc = pallas_tpu.wide_tables(rel_row.astype(q.dtype), rel_col.astype(q.dtype), channels)
-    select = {"rsel": jnp.asarray(lay.row_select), "csel": jnp.asarray(lay.col_select)}
-    return {"q": q, "k": k, "v": v, **select, "rr": rr, "rc": rc}
-
-
 def _forward(x, wq, wk, wv, rel_row, rel_col, *, static: Static, interpret: bool):
     """``[out map [b, H, W, heads*c], out tiles [b, T, heads, c, TQ], lse [b, T, heads, TQ]]``."""
     lay = static.layout()
     x_t = pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
     q, k, v = _projections(x_t, wq, wk, wv, static)
+    call = pallas_tpu.prepared(lay, q, k, v, rel_row.astype(x.dtype), rel_col.astype(x.dtype))
     b, t, n, c, tq = q.shape
     outputs = {
-        "out": jax.ShapeDtypeStruct(q.shape, x.dtype),
+        "out": jax.ShapeDtypeStruct((b, t, n, c, tq), x.dtype),
         "lse": jax.ShapeDtypeStruct((b, t, n, tq), jnp.float32),
     }
-    inputs = _kernel_inputs(q, k, v, rel_row, rel_col, lay, c)
-    spec = _spec(static, x.dtype, rel_row.shape[0])
     out_t, lse_t = pallas_tpu.kernel_call(
-        forward_kernel, lay, spec, inputs, outputs, interpret, name=KERNEL_NAME
+        forward_kernel, lay, call.spec, call.inputs, outputs, interpret, name=KERNEL_NAME
     )
     out = pallas_tpu.untile(out_t, lay, (b, *x.shape[1:3], n, c))
     return [out.reshape(*x.shape[:3], n * c), out_t, lse_t]
@@ -129,12 +117,12 @@ def _backward(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, static, i
     dtype = x.dtype
     x_t = pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
     (q, k, v), project_vjp = jax.vjp(lambda *a: _projections(*a, static), x_t, wq, wk, wv)
+    call = pallas_tpu.prepared(lay, q, k, v, rel_row.astype(dtype), rel_col.astype(dtype))
     b, t, n, c, tq = q.shape
     d_out_t = pallas_tpu.tiles(d_out.reshape(*x.shape[:3], n, c).astype(dtype), lay)
     f32 = jnp.float32
     delta = jnp.sum(d_out_t.astype(f32) * out_t.astype(f32), axis=3)
-    inputs = _kernel_inputs(q, k, v, rel_row, rel_col, lay, c)
-    inputs.update({"do": d_out_t, "lse": lse_t, "delta": delta})
+    inputs = {**call.inputs, "do": d_out_t, "lse": lse_t, "delta": delta}
     table = (b, t, *inputs["rr"].shape)
     outputs = {
         "dq": jax.ShapeDtypeStruct(q.shape, dtype),  # each key in one tile: nothing adds up
@@ -143,15 +131,12 @@ def _backward(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, static, i
         "drr": jax.ShapeDtypeStruct(table, f32),
         "drc": jax.ShapeDtypeStruct(table, f32),
     }
-    spec = _spec(static, dtype, rel_row.shape[0])
     dq, dk, dv, drr, drc = pallas_tpu.kernel_call(
-        backward_kernel, lay, spec, inputs, outputs, interpret, name=KERNEL_NAME
+        backward_kernel, lay, call.spec, inputs, outputs, interpret, name=KERNEL_NAME
     )
     dx_t, dwq, dwk, dwv = project_vjp((dq, dk, dv))
     dx = pallas_tpu.untile(dx_t[:, :, None], lay, (*x.shape[:3], 1, x.shape[3]))
-    half = rel_row.shape[1]
-    d_row = drr.sum(axis=(0, 1))[:half].T
-    d_col = drc.sum(axis=(0, 1))[half : 2 * half].T
+    d_row, d_col = pallas_tpu.table_grads(drr, drc, rel_row.shape[1])
     grads = (dx.reshape(x.shape), dwq, dwk, dwv, d_row, d_col)
     likes = (x, wq, wk, wv, rel_row, rel_col)
     return [g.astype(p.dtype) for g, p in zip(grads, likes, strict=True)]

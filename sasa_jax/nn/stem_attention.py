@@ -123,15 +123,20 @@ class StemAttention(nnx.Module):
         """p(a, b, m) of eq. 9, ``[block, block, num_mixtures]`` (float32)."""
         return mixture_weights(self.emb_row[...], self.emb_col[...], self.mixture_emb[...])
 
+    def mixed_values(self) -> Array:
+        """Eq. 8's value matrix at each position of the block, ``sum_m p(a,b,m) W_V^m``:
+        ``[block, block, in_features, out_features]`` (float32; spatially-aware values)."""
+        kernels = self.value_mixture[...].astype(jnp.float32)
+        return jnp.einsum("abm,mco->abco", self.mixture_weights(), kernels)
+
     def _values(self, x: Array) -> Array:
         if self.value is not None:
             return _project(self.value, x)
         if self.value_conv is not None:
             return self.value_conv(x)
         # Mix the M value matrices per position class, then apply the 16 mixed matrices.
-        kernels = self.value_mixture[...]
-        dtype = self.dtype or jnp.result_type(x.dtype, kernels.dtype)
-        mixed = jnp.einsum("abm,mco->abco", self.mixture_weights(), kernels.astype(jnp.float32))
+        dtype = self.dtype or jnp.result_type(x.dtype, self.value_mixture[...].dtype)
+        mixed = self.mixed_values()
         b, h, w, c = x.shape
         tiles = x.reshape(b, h // self.block, self.block, w // self.block, self.block, c)
         v = jnp.einsum("bhawgc,agco->bhawgo", tiles.astype(dtype), mixed.astype(dtype))
@@ -194,12 +199,7 @@ class StemAttention(nnx.Module):
         if self.value is not None:  # one value matrix for every position of the block
             values = jnp.tile(self.value.kernel[...], (self.block * self.block, 1))
         else:
-            mixed = jnp.einsum(
-                "abm,mco->abco",
-                self.mixture_weights(),
-                self.value_mixture[...].astype(jnp.float32),
-            )
-            values = mixed.reshape(-1, self.out_features)
+            values = self.mixed_values().reshape(-1, self.out_features)
         return stem_attention(
             x.astype(dtype),
             kernel,
