@@ -2,7 +2,8 @@
 forward and backward in train mode in bfloat16, compiles for TPU (v5e) and H100: on one
 device, and under a plain ``jax.jit`` over four with a batch-sharded input. On TPU it runs the
 kernels with the projections in their tile layout (``attention.stem_tpu``, lowered per device:
-nothing gathers the batch); on a GPU the Triton kernel on the map's q, k and v."""
+nothing gathers the batch) and takes the batch norm and the pool on their output tiles, so no
+full-resolution map is made; on a GPU the Triton kernel on the map's q, k and v."""
 
 from __future__ import annotations
 
@@ -39,3 +40,7 @@ def test_attention_stem_forward_and_backward_compile(platform, count, devices_of
     assert (f"{KERNEL_NAME}_forward_kernel" in text) == on_tpu
     assert (f"{KERNEL_NAME}_backward_kernel" in text) == on_tpu
     assert "all-gather" not in text and "all-to-all" not in text
+    # On TPU the batch norm and the pool read the kernel's output tiles: no array of the
+    # full-resolution map (2 images of 32x32x16 a device) is made, in either dtype.
+    full = [f"{t}[2,32,32,16]" for t in ("bf16", "f32")]
+    assert any(name in text for name in full) != on_tpu

@@ -1,5 +1,6 @@
 """Ordered cross-device means against numpy, their gradients against lax.pmean's, and the
-trainer's batch norm with device-ordered statistics against flax's on the whole batch."""
+trainer's batch norm with device-ordered statistics against flax's on the whole batch, on
+its own and in the paper's stem as it runs on TPU (statistics taken on the kernel's tiles)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,39 @@ SCRIPT = textwrap.dedent(
     want = jax.jit(lambda s, x: norm_step(g_p, s, x))(s_p, images)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+    # The paper's stem as it runs on TPU (its batch norm's statistics and max pool on the
+    # kernel's output tiles; the kernels in interpret mode here), per device with
+    # device-ordered statistics, against its map path with flax's batch norm on the whole batch.
+    from sasa_jax.models import AttentionStem
+    from sasa_jax.nn.norm import Norm
+    from sasa_jax.nn.stem_attention import _in_tiles, _on_map
+
+    def stem_step(path, graphdef, state, x, axis=None):
+        module = nnx.merge(graphdef, state)
+
+        def f(module, x):
+            return jnp.sum(jnp.sin(path(module.attention, module.norm, x)))
+
+        g_module, g_x = nnx.grad(f, argnums=(0, 1))(module, x)
+        g_params = nnx.state(g_module, nnx.Param)
+        if axis:
+            g_params = jax.lax.psum(g_params, axis)
+        return nnx.state(module, nnx.BatchStat), g_params, g_x
+
+    pixels = rng.standard_normal((n, 16, 32, 3)).astype(np.float32)
+    stem = lambda norm: AttentionStem(3, 16, num_heads=2, norm=norm, rngs=nnx.Rngs(0))
+    ordered = stem(Norm(momentum=0.5, layer=BatchNorm))
+    set_batch_axis(ordered, "d")
+    g_o, s_o = nnx.split(ordered)
+    per_device = jax.shard_map(
+        lambda s, x: stem_step(_in_tiles, g_o, s, x, "d"), mesh=mesh, in_specs=(P(), P("d")),
+        out_specs=(P(), P(), P("d")), check_vma=False)
+    got = jax.jit(per_device)(s_o, pixels)
+    g_p, s_p = nnx.split(stem(Norm(momentum=0.5)))
+    want = jax.jit(lambda s, x: stem_step(_on_map, g_p, s, x))(s_p, pixels)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
     print("ok")
     """
 )

@@ -115,7 +115,7 @@ def test_the_layers_two_paths_agree(values):
 
     def loss(params, path):
         layer = nnx.merge(graphdef, params)
-        out = layer._attend_in_tiles(x) if path == "tiles" else layer._attend(x, False)[0]
+        out = layer.attend_in_tiles(x) if path == "tiles" else layer._attend(x, False)[0]
         return jnp.sum(out * c_out)
 
     tiles, on_map = (

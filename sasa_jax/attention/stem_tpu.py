@@ -13,6 +13,12 @@ spatially-aware value matrix (eq. 8-9) is the same for that lane in every tile.
 under a ``custom_vjp``, lowered for TPU (the Mosaic kernels) and CPU (the same kernels in
 Pallas's interpret mode, for tests), each under ``per_device`` over several devices.
 ``nn.StemAttention`` takes it on TPU through ``lax.platform_dependent``.
+
+With ``tiled=True`` the output stays in the kernel's tiles ``[b, T, heads, c, TQ]`` (and its
+gradient arrives there): ``models.AttentionStem`` then takes its batch norm's statistics
+(``tile_moments``) and its max pool (``tile_block_max``) on the tiles, so that only the
+pooled map leaves them. On TPU a map whose last dimension is 64 channels is laid out padded
+to 128 lanes; the tiles have positions in their lanes and are not padded.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Static:
     height: int
     width: int
     scale: float
+    tiled: bool = False  # the output (and its gradient) in the kernel's tiles, not the map
 
     def layout(self) -> pallas_tpu.Layout:
         rows = axis_window(self.height, self.block, 1, BLOCKS)
@@ -75,7 +82,10 @@ def fits(height: int, width: int, block: int) -> bool:
     here rather than assumed."""
     if height % block or width % block:
         return False
-    return Static(1, block, height, width, 1.0).lane_positions() is not None
+    static = Static(1, block, height, width, 1.0)
+    lay = static.layout()
+    whole = lay.rows.tile % block == 0 and lay.cols.tile % block == 0
+    return whole and static.lane_positions() is not None
 
 
 def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
@@ -107,6 +117,8 @@ def _forward(x, wq, wk, wv, rel_row, rel_col, *, static: Static, interpret: bool
     out_t, lse_t = pallas_tpu.kernel_call(
         forward_kernel, lay, call.spec, call.inputs, outputs, interpret, name=KERNEL_NAME
     )
+    if static.tiled:
+        return [out_t, out_t, lse_t]
     out = pallas_tpu.untile(out_t, lay, (b, *x.shape[1:3], n, c))
     return [out.reshape(*x.shape[:3], n * c), out_t, lse_t]
 
@@ -119,7 +131,10 @@ def _backward(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, static, i
     (q, k, v), project_vjp = jax.vjp(lambda *a: _projections(*a, static), x_t, wq, wk, wv)
     call = pallas_tpu.prepared(lay, q, k, v, rel_row.astype(dtype), rel_col.astype(dtype))
     b, t, n, c, tq = q.shape
-    d_out_t = pallas_tpu.tiles(d_out.reshape(*x.shape[:3], n, c).astype(dtype), lay)
+    if static.tiled:
+        d_out_t = d_out.astype(dtype)
+    else:
+        d_out_t = pallas_tpu.tiles(d_out.reshape(*x.shape[:3], n, c).astype(dtype), lay)
     f32 = jnp.float32
     delta = jnp.sum(d_out_t.astype(f32) * out_t.astype(f32), axis=3)
     inputs = {**call.inputs, "do": d_out_t, "lse": lse_t, "delta": delta}
@@ -152,9 +167,10 @@ def _forward_abstract(x, wq, wk, wv, rel_row, rel_col, *, static: Static):
     lay = static.layout()
     b, n = x.shape[0], static.heads
     c = wq.shape[1] // n
+    tiles = jax.core.ShapedArray((b, lay.tiles, n, c, lay.tq), x.dtype)
     return (
-        jax.core.ShapedArray((*x.shape[:3], n * c), x.dtype),
-        jax.core.ShapedArray((b, lay.tiles, n, c, lay.tq), x.dtype),
+        tiles if static.tiled else jax.core.ShapedArray((*x.shape[:3], n * c), x.dtype),
+        tiles,
         jax.core.ShapedArray((b, lay.tiles, n, lay.tq), jnp.float32),
     )
 
@@ -207,6 +223,7 @@ def stem_attention(
     *,
     heads: int,
     block: int,
+    tiled: bool = False,
 ) -> Array:
     """Attention in each ``block x block`` tile of ``x`` with q, k and v projected from it:
     ``q = (x @ wq) / sqrt(c)``, ``k = x @ wk``, ``v`` = ``x`` times its position's value
@@ -220,8 +237,10 @@ def stem_attention(
       rel_row, rel_col: ``[2*block-1, c/2]``.
 
     Returns:
-      ``[b, H, W, heads*c]`` in ``x``'s dtype. Lowered for TPU (and for CPU in interpret
-      mode); on other platforms there is no lowering.
+      ``[b, H, W, heads*c]`` in ``x``'s dtype, or with ``tiled`` the kernel's output tiles
+      ``[b, T, heads, c, TQ]`` (``tile_moments`` and ``tile_block_max`` read them).
+      Lowered for TPU (and for CPU in interpret mode); on other platforms there is no
+      lowering.
     """
     cin, width = wq.shape
     if x.ndim != 4 or x.shape[3] != cin or x.shape[1] % block or x.shape[2] % block:
@@ -233,8 +252,126 @@ def stem_attention(
     if width % heads or wv.shape != (block * block * cin, width):
         raise ValueError(f"wv must be {(block * block * cin, width)}, got {wv.shape}")
     c = width // heads
-    static = Static(heads, block, x.shape[1], x.shape[2], c**-0.5)
+    static = Static(heads, block, x.shape[1], x.shape[2], c**-0.5, tiled)
     return _stem(x, wq, wk, wv, rel_row, rel_col, static)
 
 
-__all__ = ["KERNEL_NAME", "fits", "stem_attention", "stem_bwd_p", "stem_p"]
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """The static geometry of pooling ``block x block`` blocks out of the output tiles."""
+
+    height: int
+    width: int
+    block: int
+
+    @functools.cached_property
+    def lay(self) -> pallas_tpu.Layout:
+        return Static(1, self.block, self.height, self.width, 1.0).layout()
+
+    @property
+    def per_tile(self) -> tuple[int, int]:
+        """Blocks in a tile, down and across."""
+        return self.lay.rows.tile // self.block, self.lay.cols.tile // self.block
+
+    def inside(self) -> np.ndarray:
+        """``[T, TQ]``: lanes that hold a position of the map."""
+        lay = self.lay
+        return np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq) < self.height * self.width
+
+    def lanes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``[TQ]`` each: a lane's block in its tile (row-major) and its place in that block
+        (``row * block + column``); -1 for both past the tile's positions (padding)."""
+        cols, k = self.lay.cols.tile, self.block
+        lane = np.arange(self.lay.tq)
+        block = lane // cols // k * self.per_tile[1] + lane % cols // k
+        place = lane // cols % k * k + lane % cols % k
+        used = lane < self.lay.rows.tile * cols
+        return tuple(np.where(used, a, -1).astype(np.int32) for a in (block, place))
+
+    def blocks(self, y: Array) -> Array:
+        """``[..., TQ] -> [..., rows of blocks, block, columns of blocks, block]``."""
+        down, across = self.per_tile
+        used = self.lay.rows.tile * self.lay.cols.tile
+        return y[..., :used].reshape(*y.shape[:-1], down, self.block, across, self.block)
+
+    def to_map(self, p: Array) -> Array:
+        """Per-tile block values ``[b, T, n, c, blocks]`` -> ``[b, H/block, W/block, n*c]``."""
+        b, _, n, c, _ = p.shape
+        (down, across), lay = self.per_tile, self.lay
+        p = p.reshape(b, lay.rows.tiles, lay.cols.tiles, n, c, down, across)
+        p = p.transpose(0, 1, 5, 2, 6, 3, 4)
+        p = p.reshape(b, lay.rows.tiles * down, lay.cols.tiles * across, n * c)
+        return p[:, : self.height // self.block, : self.width // self.block]
+
+
+def tile_moments(y_t: Array, height: int, width: int, block: int) -> Array:
+    """``[2, n*c]`` float32: each channel's mean and mean square over the map's positions, of
+    the output tiles ``y_t`` ``[b, T, n, c, TQ]`` of a ``height x width`` map (``tiled=True``).
+    """
+    pool = _Pool(height, width, block)
+    inside = jnp.asarray(pool.inside())[None, :, None, None, :]
+    y = jnp.where(inside, y_t.astype(jnp.float32), 0.0)
+    count = y_t.shape[0] * height * width
+    n, c = y_t.shape[2:4]
+    mean = jnp.sum(y, axis=(0, 1, 4)).reshape(n * c) / count
+    mean_sq = jnp.sum(y * y, axis=(0, 1, 4)).reshape(n * c) / count
+    return jnp.stack([mean, mean_sq])
+
+
+def _first_max(a, b):
+    """The larger of two (value, place) pairs; of equal values the lower place."""
+    (va, pa), (vb, pb) = a, b
+    right = (vb > va) | ((vb == va) & (pb < pa))
+    return jnp.where(right, vb, va), jnp.where(right, pb, pa)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max(y_t: Array, pool: _Pool) -> Array:
+    return jnp.max(pool.blocks(y_t), axis=(-3, -1)).reshape(*y_t.shape[:-1], -1)
+
+
+def _block_max_fwd(y_t: Array, pool: _Pool):
+    return _block_max(y_t, pool), y_t
+
+
+def _block_max_bwd(pool: _Pool, y_t: Array, g: Array):
+    """Each block's gradient to the first lane (row-major) that holds its max, as
+    ``nnx.max_pool``'s. The max and its place come out of one reduction over (value, place)
+    pairs, and the lanes are then told apart by place: comparing values again would miss the
+    max wherever XLA computed ``y_t`` twice with other rounding (other FMA contractions;
+    seen on CPU)."""
+    block, place = pool.lanes()
+    kind = jnp.int8 if pool.block**2 < 127 else jnp.int32  # places as narrow as they fit
+    place = jnp.asarray(place, kind)
+    places = jax.lax.broadcast_in_dim(place, y_t.shape, (y_t.ndim - 1,))
+    init = (jnp.asarray(-jnp.inf, y_t.dtype), jnp.asarray(jnp.iinfo(kind).max, kind))
+    axes = (y_t.ndim, y_t.ndim + 2)
+    _, first = jax.lax.reduce((pool.blocks(y_t), pool.blocks(places)), init, _first_max, axes)
+    first = first.reshape(*y_t.shape[:-1], -1)
+    owner = jnp.asarray(np.maximum(block, 0))
+    winners = (jnp.take(first, owner, axis=-1) == place) & jnp.asarray(block >= 0)
+    return (jnp.where(winners, jnp.take(g, owner, axis=-1), jnp.zeros((), g.dtype)),)
+
+
+_block_max.defvjp(_block_max_fwd, _block_max_bwd)
+
+
+def tile_block_max(y_t: Array, height: int, width: int, block: int) -> Array:
+    """``[b, H/block, W/block, n*c]``: the max over each ``block x block`` block of the map
+    whose output tiles are ``y_t`` ``[b, T, n, c, TQ]`` (``tiled=True``), without laying the
+    map out. In the backward pass a block's gradient goes to the first position (row-major)
+    that holds its max, as ``nnx.max_pool``'s. Every tile holds whole blocks (``fits``)."""
+    pool = _Pool(height, width, block)
+    p = _block_max(y_t, pool)
+    return pool.to_map(p)
+
+
+__all__ = [
+    "KERNEL_NAME",
+    "fits",
+    "stem_attention",
+    "stem_bwd_p",
+    "stem_p",
+    "tile_block_max",
+    "tile_moments",
+]

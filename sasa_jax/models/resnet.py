@@ -23,7 +23,7 @@ from sasa_jax.nn import (
     SelfAttention2D,
     SlidingStemAttention,
     StemAttention,
-    block_max,
+    attend_norm_pool,
 )
 
 Array = jax.Array
@@ -167,10 +167,9 @@ class AttentionStem(nnx.Module):
         self.norm = norm(out_features, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        y = nnx.relu(self.norm(self.attention(x)))
         if isinstance(self.attention, SlidingStemAttention):
-            return conv_stem_pool(y)
-        return block_max(y, self.block)
+            return conv_stem_pool(nnx.relu(self.norm(self.attention(x))))
+        return attend_norm_pool(self.attention, self.norm, x)
 
 
 def _sliding_stem_attention(in_features, out_features, window, rngs, kwargs):

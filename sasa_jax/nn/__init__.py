@@ -14,7 +14,7 @@ from sasa_jax.nn.conv import Conv1x1, conv3x3, subsample
 from sasa_jax.nn.norm import BatchNorm, Norm, set_batch_axis
 from sasa_jax.nn.pool import block_max
 from sasa_jax.nn.sliding_stem import SlidingStemAttention, image_windows
-from sasa_jax.nn.stem_attention import StemAttention
+from sasa_jax.nn.stem_attention import StemAttention, attend_norm_pool
 
 __all__ = [
     "LOGITS",
@@ -26,6 +26,7 @@ __all__ = [
     "SelfAttention2D",
     "SlidingStemAttention",
     "StemAttention",
+    "attend_norm_pool",
     "block_max",
     "conv3x3",
     "image_windows",

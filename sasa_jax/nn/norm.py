@@ -33,22 +33,52 @@ class BatchNorm(nnx.BatchNorm):
         stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
         xs = x.astype(stats_dtype)
         axes = tuple(range(x.ndim - 1))
-        local = jnp.stack([xs.mean(axes), (xs * xs).mean(axes)])
-        mean, mean_sq = parallel.ordered_mean_grad(local, self.axis_name)
-        var = jnp.maximum(0.0, mean_sq - mean * mean)
-        m = self.momentum
-        # set_value, not ``self.mean[...] =``: under a trace, flax's indexed assignment
-        # asks the tracer for its sharding, whose error message walks the whole trace so far
-        # (quadratic in the model's size: a third of the train step's tracing time).
-        self.mean.set_value(jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean))
-        self.var.set_value(jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var))
-        mul = jax.lax.rsqrt(var + self.epsilon)
-        if self.scale is not None:
-            mul = mul * self.scale[...].astype(stats_dtype)
-        y = (xs - mean) * mul
-        if self.bias is not None:
-            y = y + self.bias[...].astype(stats_dtype)
-        return y.astype(self.dtype or x.dtype)
+        mean, var = batch_statistics(self, jnp.stack([xs.mean(axes), (xs * xs).mean(axes)]))
+        return normalise(self, x, mean, var, mean.shape)
+
+
+def uses_running_average(norm: nnx.BatchNorm) -> bool:
+    """Whether ``norm`` normalises with its running averages (eval mode)."""
+    if norm.use_running_average is None:
+        raise ValueError("set the batch norm's mode first: model.train() or model.eval()")
+    return bool(norm.use_running_average)
+
+
+def batch_statistics(norm: nnx.BatchNorm, local: Array) -> tuple[Array, Array]:
+    """A train-mode batch's ``(mean, var)`` ``[C]`` from this device's per-feature mean and
+    mean square ``local`` ``[2, C]`` (float32), as ``norm``'s own call takes them: over
+    ``norm.axis_name``'s devices in device order when set (``BatchNorm`` inside
+    ``jax.shard_map``), the variance ``E[x^2] - E[x]^2`` clipped at zero; ``norm``'s running
+    averages are updated."""
+    if norm.axis_name is not None:
+        if not isinstance(norm, BatchNorm):
+            raise ValueError(f"{type(norm).__name__} is not sasa_jax.norm.BatchNorm")
+        local = parallel.ordered_mean_grad(local, norm.axis_name)
+    mean, mean_sq = local[0], local[1]
+    var = jnp.maximum(0.0, mean_sq - mean * mean)
+    m = norm.momentum
+    # set_value, not ``norm.mean[...] =``: under a trace, flax's indexed assignment
+    # asks the tracer for its sharding, whose error message walks the whole trace so far
+    # (quadratic in the model's size: a third of the train step's tracing time).
+    norm.mean.set_value(jax.lax.stop_gradient(m * norm.mean[...] + (1 - m) * mean))
+    norm.var.set_value(jax.lax.stop_gradient(m * norm.var[...] + (1 - m) * var))
+    return mean, var
+
+
+def normalise(norm: nnx.BatchNorm, x: Array, mean: Array, var: Array, shape) -> Array:
+    """``norm``'s affine normalisation of ``x`` with these statistics, each per-feature vector
+    reshaped to ``shape`` (broadcasting against ``x``), in float32; the result in
+    ``norm.dtype``, or without one in the type of ``x``, scale and bias together (flax's
+    rule)."""
+    params = [p[...] for p in (norm.scale, norm.bias) if p is not None]
+    f32 = jnp.promote_types(norm.dtype or x.dtype, jnp.float32)
+    mul = jax.lax.rsqrt(var.astype(f32) + norm.epsilon)
+    if norm.scale is not None:
+        mul = mul * norm.scale[...].astype(f32)
+    y = (x.astype(f32) - mean.astype(f32).reshape(shape)) * mul.reshape(shape)
+    if norm.bias is not None:
+        y = y + norm.bias[...].astype(f32).reshape(shape)
+    return y.astype(norm.dtype or jnp.result_type(x, *params))
 
 
 def set_batch_axis(model: nnx.Module, axis_name: str | None) -> None:
@@ -85,4 +115,11 @@ class Norm:
         )
 
 
-__all__ = ["BatchNorm", "Norm", "set_batch_axis"]
+__all__ = [
+    "BatchNorm",
+    "Norm",
+    "batch_statistics",
+    "normalise",
+    "set_batch_axis",
+    "uses_running_average",
+]

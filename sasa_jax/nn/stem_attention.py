@@ -1,7 +1,8 @@
 """The attention stem's attention (eq. 4-9) as a Flax NNX layer: attention in each block x
 block tile with spatially-aware (or stand-alone, or convolutional) values. Its
 initialisation follows ``nn.attention``'s; on TPU its projections run in the kernel's tile
-layout (``attention.stem_tpu``)."""
+layout (``attention.stem_tpu``). ``attend_norm_pool`` is the paper's stem around it (batch
+norm, ReLU, max pool), on TPU on the kernel's output tiles."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from sasa_jax.nn.attention import (
     _projection,
     _split_heads,
 )
+from sasa_jax.nn.norm import batch_statistics, normalise, uses_running_average
+from sasa_jax.nn.pool import block_max
 from sasa_jax.nn.stem_values import check_stem_heads, mixture_weights, spatial_value_params
 
 Array = jax.Array
@@ -156,13 +159,11 @@ class StemAttention(nnx.Module):
                 f"got {tuple(x.shape[1:3])}"
             )
         want_weights = return_weights or self.capture
-        tiles_fit = stem_tpu.fits(x.shape[1], x.shape[2], self.block)
-        map_only = self.implementation != "auto" or self.values == "spatial_conv_values"
-        if want_weights or map_only or not tiles_fit:
+        if want_weights or not self.takes_tiles(x.shape):
             out, weights = self._attend(x, want_weights)
         else:  # on TPU the kernel's tile layout takes the projections (attention.stem_tpu)
             out = jax.lax.platform_dependent(
-                x, tpu=self._attend_in_tiles, default=lambda x: self._attend(x, False)[0]
+                x, tpu=self.attend_in_tiles, default=lambda x: self._attend(x, False)[0]
             )
             weights = None
         if self.capture:
@@ -170,6 +171,14 @@ class StemAttention(nnx.Module):
             self.sow(nnx.Intermediate, "inputs", x)
             self.sow(nnx.Intermediate, "outputs", out)
         return (out, weights) if return_weights else out
+
+    def takes_tiles(self, shape: tuple[int, ...]) -> bool:
+        """Whether on TPU an input of this shape takes the tile layout's projections
+        (``attend_in_tiles``): ``implementation="auto"``, spatially-aware or stand-alone
+        values, no weights captured, and tiles that hold whole blocks (``stem_tpu.fits``)."""
+        if self.implementation != "auto" or self.values == "spatial_conv_values":
+            return False
+        return not self.capture and stem_tpu.fits(shape[1], shape[2], self.block)
 
     def _attend(self, x: Array, want_weights: bool) -> tuple[Array, Array | None]:
         """Projections on the map, then ``block_attention``: ``[b, H, W, out_features]`` (and
@@ -191,9 +200,11 @@ class StemAttention(nnx.Module):
         out, weights = result if want_weights else (result, None)
         return out.reshape(*x.shape[:3], self.out_features), weights
 
-    def _attend_in_tiles(self, x: Array) -> Array:
+    def attend_in_tiles(self, x: Array, tiled: bool = False) -> Array:
         """``_attend``'s numbers with the projections in the TPU kernel's tile layout
-        (``attention.stem_tpu``): spatially-aware and stand-alone values."""
+        (``attention.stem_tpu``; lowered for TPU, and for CPU in interpret mode):
+        spatially-aware and stand-alone values. ``[b, H, W, out_features]``, or with
+        ``tiled`` the kernel's output tiles ``[b, T, heads, c, TQ]``."""
         kernel = self.query.kernel[...]
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         if self.value is not None:  # one value matrix for every position of the block
@@ -209,4 +220,46 @@ class StemAttention(nnx.Module):
             self.rel_col[...],
             heads=self.num_heads,
             block=self.block,
+            tiled=tiled,
         )
+
+
+def attend_norm_pool(attention: StemAttention, norm: nnx.BatchNorm, x: Array) -> Array:
+    """``block_max(relu(norm(attention(x))), block)``: ``[b, H, W, cin] -> [b, H/block,
+    W/block, out_features]``, the paper's stem. On TPU, where ``attention.takes_tiles``, the
+    batch norm's statistics, the ReLU and the max pool are taken on the kernel's output tiles
+    (``stem_tpu.tile_moments``, ``stem_tpu.tile_block_max``): only the pooled map is laid
+    out. Everywhere else, and on TPU otherwise, on the map. ``norm``'s running averages are
+    updated in train mode either way."""
+    if not attention.takes_tiles(x.shape):
+        return _on_map(attention, norm, x)
+    graph, state = nnx.split((attention, norm))
+    train = not uses_running_average(norm)
+
+    def branch(run):
+        def pure(state, x):
+            attention, norm = nnx.merge(graph, state)
+            y = run(attention, norm, x)
+            return (y, nnx.state(norm, nnx.BatchStat)) if train else (y, None)
+
+        return pure
+
+    y, stats = jax.lax.platform_dependent(state, x, tpu=branch(_in_tiles), default=branch(_on_map))
+    if train:  # in eval mode nothing moves (and nothing is written: eval_shape may trace it)
+        nnx.update(norm, stats)
+    return y
+
+
+def _on_map(attention: StemAttention, norm: nnx.BatchNorm, x: Array) -> Array:
+    return block_max(nnx.relu(norm(attention(x))), attention.block)
+
+
+def _in_tiles(attention: StemAttention, norm: nnx.BatchNorm, x: Array) -> Array:
+    y_t = attention.attend_in_tiles(x, tiled=True)  # [b, T, n, c, TQ]
+    (height, width), block = x.shape[1:3], attention.block
+    if uses_running_average(norm):
+        mean, var = norm.mean[...], norm.var[...]
+    else:
+        mean, var = batch_statistics(norm, stem_tpu.tile_moments(y_t, height, width, block))
+    y = nnx.relu(normalise(norm, y_t, mean, var, (*y_t.shape[2:4], 1)))
+    return stem_tpu.tile_block_max(y, height, width, block)
