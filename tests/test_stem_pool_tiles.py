@@ -34,16 +34,14 @@ def _map_and_tiles(height, width, seed=0):
 
 
 def _block_max_np(y, g):
-    """Max over each block of ``y`` ``[b, H, W, C]`` and the gradient of ``sum(max * g)``:
-    each block's ``g`` to the first of its maxima in row-major order."""
+    """Max over each block of ``y`` ``[b, H, W, C]`` and the gradient of ``sum(max * g)``,
+    each block's ``g`` split equally among its maxima."""
     b, h, w, c = y.shape
-    blocks = y.reshape(b, h // BLOCK, BLOCK, w // BLOCK, BLOCK, c).transpose(0, 1, 3, 5, 2, 4)
-    flat = blocks.reshape(b, h // BLOCK, w // BLOCK, c, BLOCK * BLOCK)
-    first = np.argmax(flat, axis=-1)  # numpy's argmax: the first of equal maxima
-    grad = np.zeros_like(flat)
-    np.put_along_axis(grad, first[..., None], g[..., None], axis=-1)
-    grad = grad.reshape(b, h // BLOCK, w // BLOCK, c, BLOCK, BLOCK).transpose(0, 1, 4, 2, 5, 3)
-    return flat.max(axis=-1), grad.reshape(y.shape)
+    blocks = y.reshape(b, h // BLOCK, BLOCK, w // BLOCK, BLOCK, c)
+    top = blocks.max(axis=(2, 4))
+    hit = blocks == top[:, :, None, :, None]
+    share = g / hit.sum(axis=(2, 4))
+    return top, (hit * share[:, :, None, :, None]).reshape(y.shape)
 
 
 @pytest.mark.parametrize("size", [(16, 32), (12, 20), (16, 12), (48, 48)])  # 16x12: padding
@@ -71,12 +69,16 @@ def test_tile_moments_match_numpy(size):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def _stem_run(path, values, train, x, seed=0):
+def _stem(values, cin, zero_query=False):
+    return AttentionStem(
+        cin, HEADS * 8, values=values, num_heads=HEADS, zero_query=zero_query, rngs=nnx.Rngs(0)
+    )
+
+
+def _stem_run(path, values, train, x, zero_query=False):
     """Output, the gradients of a loss (parameters and input) and the running statistics after
     one call of a fresh stem along ``path``."""
-    stem = AttentionStem(
-        x.shape[-1], HEADS * 8, values=values, num_heads=HEADS, rngs=nnx.Rngs(seed)
-    )
+    stem = _stem(values, x.shape[-1], zero_query)
     stem.train() if train else stem.eval()
     if not train:  # running statistics away from their initial 0 / 1
         rng = np.random.default_rng(5)
@@ -109,8 +111,21 @@ def _stem_run(path, values, train, x, seed=0):
 @pytest.mark.parametrize("image", [(16, 32, 3), (12, 20, 2)])  # the second: tiles overhang
 def test_stem_tile_path_matches_map_path(values, train, image):
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, *image)), jnp.float32)
-    tiles = _stem_run(_in_tiles, values, train, x)
-    on_map = _stem_run(_on_map, values, train, x)
+    _assert_close(_stem_run(_in_tiles, values, train, x), _stem_run(_on_map, values, train, x))
+
+
+def test_stem_tile_path_splits_ties_as_the_map_path():
+    """With ``zero_query`` every query of a block attends uniformly, so the stem's outputs
+    tie in every block: the gradient must be split among them as on the map."""
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 16, 32, 3)), jnp.float32)
+    stem = _stem("spatially_aware", 3, zero_query=True)
+    out = np.asarray(stem.attention(x)).reshape(2, 4, BLOCK, 8, BLOCK, HEADS * 8)
+    assert np.all(out == out[:, :, :1, :, :1])  # the case is tested: 16-way ties
+    tiles = _stem_run(_in_tiles, "spatially_aware", True, x, zero_query=True)
+    _assert_close(tiles, _stem_run(_on_map, "spatially_aware", True, x, zero_query=True))
+
+
+def _assert_close(tiles, on_map):
     for got, want in zip(jax.tree.leaves(tiles), jax.tree.leaves(on_map), strict=True):
         scale = float(np.abs(want).max())  # float32 sums: absolute errors scale with the array's
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-6 * scale)

@@ -79,13 +79,14 @@ def fits(height: int, width: int, block: int) -> bool:
     """Whether ``stem_attention`` takes a ``height x width`` map of ``block x block`` blocks:
     the TPU layout's tiles must start on the blocks' grid. They hold whole blocks
     (``tiles.tile_size``), so they do whenever the map is a whole number of blocks; checked
-    here rather than assumed."""
+    here rather than assumed. Blocks of at most 32 positions (5x5)."""
     if height % block or width % block:
         return False
     static = Static(1, block, height, width, 1.0)
     lay = static.layout()
     whole = lay.rows.tile % block == 0 and lay.cols.tile % block == 0
-    return whole and static.lane_positions() is not None
+    # a bit per place of a block in tile_block_max's gradient
+    return whole and block * block <= 32 and static.lane_positions() is not None
 
 
 def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
@@ -318,11 +319,11 @@ def tile_moments(y_t: Array, height: int, width: int, block: int) -> Array:
     return jnp.stack([mean, mean_sq])
 
 
-def _first_max(a, b):
-    """The larger of two (value, place) pairs; of equal values the lower place."""
-    (va, pa), (vb, pb) = a, b
-    right = (vb > va) | ((vb == va) & (pb < pa))
-    return jnp.where(right, vb, va), jnp.where(right, pb, pa)
+def _max_and_places(a, b):
+    """Of two (value, places) pairs the larger value with its places (a bit per place in the
+    block); of equal values, the places of both."""
+    (va, ma), (vb, mb) = a, b
+    return jnp.maximum(va, vb), jnp.where(vb > va, mb, jnp.where(va > vb, ma, ma | mb))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -335,22 +336,25 @@ def _block_max_fwd(y_t: Array, pool: _Pool):
 
 
 def _block_max_bwd(pool: _Pool, y_t: Array, g: Array):
-    """Each block's gradient to the first lane (row-major) that holds its max, as
-    ``nnx.max_pool``'s. The max and its place come out of one reduction over (value, place)
-    pairs, and the lanes are then told apart by place: comparing values again would miss the
-    max wherever XLA computed ``y_t`` twice with other rounding (other FMA contractions;
-    seen on CPU)."""
+    """Each block's gradient split equally among its maxima, as ``jnp.max``'s (the map path's
+    ``nn.block_max`` on CPU and GPU): the stem's outputs tie in every block while its queries
+    are zero (``zero_query``). The maxima come out of one reduction over (value, places)
+    pairs, a bit per place, and the lanes are then told apart by their bits: comparing values
+    again would miss the max wherever XLA computed ``y_t`` twice with other rounding (other
+    FMA contractions; seen on CPU)."""
     block, place = pool.lanes()
-    kind = jnp.int8 if pool.block**2 < 127 else jnp.int32  # places as narrow as they fit
-    place = jnp.asarray(place, kind)
-    places = jax.lax.broadcast_in_dim(place, y_t.shape, (y_t.ndim - 1,))
-    init = (jnp.asarray(-jnp.inf, y_t.dtype), jnp.asarray(jnp.iinfo(kind).max, kind))
+    kind = jnp.uint16 if pool.block**2 <= 16 else jnp.uint32
+    bits = jnp.asarray(np.where(place >= 0, 1 << np.maximum(place, 0), 0), kind)
+    lanes = jax.lax.broadcast_in_dim(bits, y_t.shape, (y_t.ndim - 1,))
+    init = (jnp.asarray(-jnp.inf, y_t.dtype), jnp.asarray(0, kind))
     axes = (y_t.ndim, y_t.ndim + 2)
-    _, first = jax.lax.reduce((pool.blocks(y_t), pool.blocks(places)), init, _first_max, axes)
-    first = first.reshape(*y_t.shape[:-1], -1)
+    _, maxima = jax.lax.reduce((pool.blocks(y_t), pool.blocks(lanes)), init, _max_and_places, axes)
+    maxima = maxima.reshape(*y_t.shape[:-1], -1)  # [b, T, n, c, blocks]: bits of each max
+    count = jax.lax.population_count(maxima).astype(jnp.float32)
     owner = jnp.asarray(np.maximum(block, 0))
-    winners = (jnp.take(first, owner, axis=-1) == place) & jnp.asarray(block >= 0)
-    return (jnp.where(winners, jnp.take(g, owner, axis=-1), jnp.zeros((), g.dtype)),)
+    share = jnp.take(g.astype(jnp.float32) / count, owner, axis=-1)
+    winner = (jnp.take(maxima, owner, axis=-1) & bits) != 0
+    return (jnp.where(winner, share, 0.0).astype(g.dtype),)
 
 
 _block_max.defvjp(_block_max_fwd, _block_max_bwd)
@@ -359,8 +363,8 @@ _block_max.defvjp(_block_max_fwd, _block_max_bwd)
 def tile_block_max(y_t: Array, height: int, width: int, block: int) -> Array:
     """``[b, H/block, W/block, n*c]``: the max over each ``block x block`` block of the map
     whose output tiles are ``y_t`` ``[b, T, n, c, TQ]`` (``tiled=True``), without laying the
-    map out. In the backward pass a block's gradient goes to the first position (row-major)
-    that holds its max, as ``nnx.max_pool``'s. Every tile holds whole blocks (``fits``)."""
+    map out. In the backward pass a block's gradient is split equally among its maxima, as
+    ``jnp.max``'s. Every tile holds whole blocks (``fits``)."""
     pool = _Pool(height, width, block)
     p = _block_max(y_t, pool)
     return pool.to_map(p)
