@@ -32,7 +32,7 @@ import numpy as np
 from jax.extend import core
 from jax.interpreters import mlir
 
-from sasa_jax.attention import pallas_tpu
+from sasa_jax.attention import maxima, pallas_tpu
 from sasa_jax.attention.dispatch import define
 from sasa_jax.attention.pallas_tpu_kernel import backward_kernel, forward_kernel
 from sasa_jax.attention.per_device import per_device
@@ -86,7 +86,7 @@ def fits(height: int, width: int, block: int) -> bool:
     lay = static.layout()
     whole = lay.rows.tile % block == 0 and lay.cols.tile % block == 0
     # a bit per place of a block in tile_block_max's gradient
-    return whole and block * block <= 32 and static.lane_positions() is not None
+    return whole and block * block <= maxima.MAX_PLACES and static.lane_positions() is not None
 
 
 def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
@@ -319,13 +319,6 @@ def tile_moments(y_t: Array, height: int, width: int, block: int) -> Array:
     return jnp.stack([mean, mean_sq])
 
 
-def _max_and_places(a, b):
-    """Of two (value, places) pairs the larger value with its places (a bit per place in the
-    block); of equal values, the places of both."""
-    (va, ma), (vb, mb) = a, b
-    return jnp.maximum(va, vb), jnp.where(vb > va, mb, jnp.where(va > vb, ma, ma | mb))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _block_max(y_t: Array, pool: _Pool) -> Array:
     return jnp.max(pool.blocks(y_t), axis=(-3, -1)).reshape(*y_t.shape[:-1], -1)
@@ -338,22 +331,19 @@ def _block_max_fwd(y_t: Array, pool: _Pool):
 def _block_max_bwd(pool: _Pool, y_t: Array, g: Array):
     """Each block's gradient split equally among its maxima, as ``jnp.max``'s (the map path's
     ``nn.block_max`` on CPU and GPU): the stem's outputs tie in every block while its queries
-    are zero (``zero_query``). The maxima come out of one reduction over (value, places)
-    pairs, a bit per place, and the lanes are then told apart by their bits: comparing values
-    again would miss the max wherever XLA computed ``y_t`` twice with other rounding (other
-    FMA contractions; seen on CPU)."""
+    are zero (``zero_query``). The maxima and their places come out of one reduction
+    (``attention.maxima``), not a comparison of values XLA may have computed twice."""
     block, place = pool.lanes()
-    kind = jnp.uint16 if pool.block**2 <= 16 else jnp.uint32
-    bits = jnp.asarray(np.where(place >= 0, 1 << np.maximum(place, 0), 0), kind)
+    kind = maxima.bits_type(pool.block**2)
+    bits = jnp.asarray(maxima.place_bits(place, kind))
     lanes = jax.lax.broadcast_in_dim(bits, y_t.shape, (y_t.ndim - 1,))
-    init = (jnp.asarray(-jnp.inf, y_t.dtype), jnp.asarray(0, kind))
     axes = (y_t.ndim, y_t.ndim + 2)
-    _, maxima = jax.lax.reduce((pool.blocks(y_t), pool.blocks(lanes)), init, _max_and_places, axes)
-    maxima = maxima.reshape(*y_t.shape[:-1], -1)  # [b, T, n, c, blocks]: bits of each max
-    count = jax.lax.population_count(maxima).astype(jnp.float32)
+    _, held = maxima.block_maxima(pool.blocks(y_t), pool.blocks(lanes), axes)
+    held = held.reshape(*y_t.shape[:-1], -1)  # [b, T, n, c, blocks]: bits of each max
+    count = jax.lax.population_count(held).astype(jnp.float32)
     owner = jnp.asarray(np.maximum(block, 0))
     share = jnp.take(g.astype(jnp.float32) / count, owner, axis=-1)
-    winner = (jnp.take(maxima, owner, axis=-1) & bits) != 0
+    winner = (jnp.take(held, owner, axis=-1) & bits) != 0
     return (jnp.where(winner, share, 0.0).astype(g.dtype),)
 
 
