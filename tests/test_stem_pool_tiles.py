@@ -26,7 +26,7 @@ def _map_and_tiles(height, width, seed=0):
     tiles, with junk in the lanes past the map (the pool and the moments must ignore it)."""
     rng = np.random.default_rng(seed)
     y = np.round(rng.standard_normal((2, height, width, HEADS, C)) * 2) / 2
-    lay = stem_tpu.Static(1, BLOCK, height, width, 1.0).layout()
+    lay = stem_tpu.layout(height, width, BLOCK)
     tiles = np.asarray(pallas_tpu.tiles(jnp.asarray(y, jnp.float32), lay))
     inside = np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq) < height * width
     tiles = np.where(inside[None, :, None, None, :], tiles, 7.0)  # larger than every value

@@ -45,6 +45,71 @@ KERNEL_NAME = "sasa_tpu_stem"
 
 
 @dataclasses.dataclass(frozen=True)
+class _Grid:
+    """A ``height x width`` map of ``block x block`` blocks cut into the TPU layout's tiles:
+    the layout, each lane's place in its block, and the blocks pooled out of the tiles."""
+
+    height: int
+    width: int
+    block: int
+
+    @functools.cached_property
+    def lay(self) -> pallas_tpu.Layout:
+        rows = axis_window(self.height, self.block, 1, BLOCKS)
+        cols = axis_window(self.width, self.block, 1, BLOCKS)
+        return pallas_tpu.layout(rows.spec, cols.spec)
+
+    def lane_positions(self) -> np.ndarray | None:
+        """``[TQ]``: each lane's position inside its block, ``row % block * block + col %
+        block``, the same in every tile (lanes past the map hold zeros: position 0); None
+        where tiles start off the blocks' grid, so that a lane's position varies."""
+        lay = self.lay
+        index = np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq)
+        rows, cols = index // self.width % self.block, index % self.width % self.block
+        inside = index < self.height * self.width
+        positions = np.where(inside, rows * self.block + cols, -1)
+        first = positions.max(axis=0)  # each lane's position where it is inside the map
+        if np.any((positions != first[None]) & inside):
+            return None
+        return np.maximum(first, 0)
+
+    @property
+    def per_tile(self) -> tuple[int, int]:
+        """Blocks in a tile, down and across."""
+        return self.lay.rows.tile // self.block, self.lay.cols.tile // self.block
+
+    def inside(self) -> np.ndarray:
+        """``[T, TQ]``: lanes that hold a position of the map."""
+        lay = self.lay
+        return np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq) < self.height * self.width
+
+    def lanes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``[TQ]`` each: a lane's block in its tile (row-major) and its place in that block
+        (``row * block + column``); -1 for both past the tile's positions (padding)."""
+        cols, k = self.lay.cols.tile, self.block
+        lane = np.arange(self.lay.tq)
+        block = lane // cols // k * self.per_tile[1] + lane % cols // k
+        place = lane // cols % k * k + lane % cols % k
+        used = lane < self.lay.rows.tile * cols
+        return tuple(np.where(used, a, -1).astype(np.int32) for a in (block, place))
+
+    def blocks(self, y: Array) -> Array:
+        """``[..., TQ] -> [..., rows of blocks, block, columns of blocks, block]``."""
+        down, across = self.per_tile
+        used = self.lay.rows.tile * self.lay.cols.tile
+        return y[..., :used].reshape(*y.shape[:-1], down, self.block, across, self.block)
+
+    def to_map(self, p: Array) -> Array:
+        """Per-tile block values ``[b, T, n, c, blocks]`` -> ``[b, H/block, W/block, n*c]``."""
+        b, _, n, c, _ = p.shape
+        (down, across), lay = self.per_tile, self.lay
+        p = p.reshape(b, lay.rows.tiles, lay.cols.tiles, n, c, down, across)
+        p = p.transpose(0, 1, 5, 2, 6, 3, 4)
+        p = p.reshape(b, lay.rows.tiles * down, lay.cols.tiles * across, n * c)
+        return p[:, : self.height // self.block, : self.width // self.block]
+
+
+@dataclasses.dataclass(frozen=True)
 class Static:
     """One call's static parameters: heads, the block, the map's size, the query scale."""
 
@@ -55,24 +120,9 @@ class Static:
     scale: float
     tiled: bool = False  # the output (and its gradient) in the kernel's tiles, not the map
 
-    def layout(self) -> pallas_tpu.Layout:
-        rows = axis_window(self.height, self.block, 1, BLOCKS)
-        cols = axis_window(self.width, self.block, 1, BLOCKS)
-        return pallas_tpu.layout(rows.spec, cols.spec)
-
-    def lane_positions(self) -> np.ndarray | None:
-        """``[TQ]``: each lane's position inside its block, ``row % block * block + col %
-        block``, the same in every tile (lanes past the map hold zeros: position 0); None
-        where tiles start off the blocks' grid, so that a lane's position varies."""
-        lay = self.layout()
-        index = np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq)
-        rows, cols = index // self.width % self.block, index % self.width % self.block
-        inside = index < self.height * self.width
-        positions = np.where(inside, rows * self.block + cols, -1)
-        first = positions.max(axis=0)  # each lane's position where it is inside the map
-        if np.any((positions != first[None]) & inside):
-            return None
-        return np.maximum(first, 0)
+    @property
+    def grid(self) -> _Grid:
+        return _Grid(self.height, self.width, self.block)
 
 
 def fits(height: int, width: int, block: int) -> bool:
@@ -82,11 +132,15 @@ def fits(height: int, width: int, block: int) -> bool:
     here rather than assumed. Blocks of at most 32 positions (5x5)."""
     if height % block or width % block:
         return False
-    static = Static(1, block, height, width, 1.0)
-    lay = static.layout()
-    whole = lay.rows.tile % block == 0 and lay.cols.tile % block == 0
+    grid = _Grid(height, width, block)
+    whole = grid.lay.rows.tile % block == 0 and grid.lay.cols.tile % block == 0
     # a bit per place of a block in tile_block_max's gradient
-    return whole and block * block <= maxima.MAX_PLACES and static.lane_positions() is not None
+    return whole and block * block <= maxima.MAX_PLACES and grid.lane_positions() is not None
+
+
+def _input_tiles(x: Array, lay: pallas_tpu.Layout) -> Array:
+    """The input's tiles ``[b, T, cin, TQ]`` of ``x`` ``[b, H, W, cin]``."""
+    return pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
 
 
 def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
@@ -99,15 +153,15 @@ def _projections(x_t: Array, wq: Array, wk: Array, wv: Array, static: Static):
     scale = jnp.asarray(static.scale, dtype)
     q = jnp.einsum("btiq,ihc->bthcq", x_t, wq.astype(dtype).reshape(cin, static.heads, c))
     k = jnp.einsum("btiq,ihc->bthcq", x_t, wk.astype(dtype).reshape(cin, static.heads, c))
-    lanes = wv.astype(dtype).reshape(-1, cin, static.heads, c)[static.lane_positions()]
+    lanes = wv.astype(dtype).reshape(-1, cin, static.heads, c)[static.grid.lane_positions()]
     v = jnp.einsum("btiq,qihc->bthcq", x_t, lanes)
     return q * scale, k, v
 
 
 def _forward(x, wq, wk, wv, rel_row, rel_col, *, static: Static, interpret: bool):
     """``[out map [b, H, W, heads*c], out tiles [b, T, heads, c, TQ], lse [b, T, heads, TQ]]``."""
-    lay = static.layout()
-    x_t = pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
+    lay = static.grid.lay
+    x_t = _input_tiles(x, lay)
     q, k, v = _projections(x_t, wq, wk, wv, static)
     call = pallas_tpu.prepared(lay, q, k, v, rel_row.astype(x.dtype), rel_col.astype(x.dtype))
     b, t, n, c, tq = q.shape
@@ -126,9 +180,9 @@ def _forward(x, wq, wk, wv, rel_row, rel_col, *, static: Static, interpret: bool
 
 def _backward(x, wq, wk, wv, rel_row, rel_col, out_t, lse_t, d_out, *, static, interpret):
     """The gradients of x, wq, wk, wv and the tables (each in its input's dtype)."""
-    lay = static.layout()
+    lay = static.grid.lay
     dtype = x.dtype
-    x_t = pallas_tpu.tiles(x[:, :, :, None, :], lay)[:, :, 0]
+    x_t = _input_tiles(x, lay)
     (q, k, v), project_vjp = jax.vjp(lambda *a: _projections(*a, static), x_t, wq, wk, wv)
     call = pallas_tpu.prepared(lay, q, k, v, rel_row.astype(dtype), rel_col.astype(dtype))
     b, t, n, c, tq = q.shape
@@ -165,7 +219,7 @@ stem_bwd_p.multiple_results = True
 
 
 def _forward_abstract(x, wq, wk, wv, rel_row, rel_col, *, static: Static):
-    lay = static.layout()
+    lay = static.grid.lay
     b, n = x.shape[0], static.heads
     c = wq.shape[1] // n
     tiles = jax.core.ShapedArray((b, lay.tiles, n, c, lay.tq), x.dtype)
@@ -257,60 +311,17 @@ def stem_attention(
     return _stem(x, wq, wk, wv, rel_row, rel_col, static)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Pool:
-    """The static geometry of pooling ``block x block`` blocks out of the output tiles."""
-
-    height: int
-    width: int
-    block: int
-
-    @functools.cached_property
-    def lay(self) -> pallas_tpu.Layout:
-        return Static(1, self.block, self.height, self.width, 1.0).layout()
-
-    @property
-    def per_tile(self) -> tuple[int, int]:
-        """Blocks in a tile, down and across."""
-        return self.lay.rows.tile // self.block, self.lay.cols.tile // self.block
-
-    def inside(self) -> np.ndarray:
-        """``[T, TQ]``: lanes that hold a position of the map."""
-        lay = self.lay
-        return np.asarray(lay.tile_index).reshape(lay.tiles, lay.tq) < self.height * self.width
-
-    def lanes(self) -> tuple[np.ndarray, np.ndarray]:
-        """``[TQ]`` each: a lane's block in its tile (row-major) and its place in that block
-        (``row * block + column``); -1 for both past the tile's positions (padding)."""
-        cols, k = self.lay.cols.tile, self.block
-        lane = np.arange(self.lay.tq)
-        block = lane // cols // k * self.per_tile[1] + lane % cols // k
-        place = lane // cols % k * k + lane % cols % k
-        used = lane < self.lay.rows.tile * cols
-        return tuple(np.where(used, a, -1).astype(np.int32) for a in (block, place))
-
-    def blocks(self, y: Array) -> Array:
-        """``[..., TQ] -> [..., rows of blocks, block, columns of blocks, block]``."""
-        down, across = self.per_tile
-        used = self.lay.rows.tile * self.lay.cols.tile
-        return y[..., :used].reshape(*y.shape[:-1], down, self.block, across, self.block)
-
-    def to_map(self, p: Array) -> Array:
-        """Per-tile block values ``[b, T, n, c, blocks]`` -> ``[b, H/block, W/block, n*c]``."""
-        b, _, n, c, _ = p.shape
-        (down, across), lay = self.per_tile, self.lay
-        p = p.reshape(b, lay.rows.tiles, lay.cols.tiles, n, c, down, across)
-        p = p.transpose(0, 1, 5, 2, 6, 3, 4)
-        p = p.reshape(b, lay.rows.tiles * down, lay.cols.tiles * across, n * c)
-        return p[:, : self.height // self.block, : self.width // self.block]
+def layout(height: int, width: int, block: int) -> pallas_tpu.Layout:
+    """The TPU layout's tiles of a ``height x width`` map of ``block x block`` blocks."""
+    return _Grid(height, width, block).lay
 
 
 def tile_moments(y_t: Array, height: int, width: int, block: int) -> Array:
     """``[2, n*c]`` float32: each channel's mean and mean square over the map's positions, of
     the output tiles ``y_t`` ``[b, T, n, c, TQ]`` of a ``height x width`` map (``tiled=True``).
     """
-    pool = _Pool(height, width, block)
-    inside = jnp.asarray(pool.inside())[None, :, None, None, :]
+    grid = _Grid(height, width, block)
+    inside = jnp.asarray(grid.inside())[None, :, None, None, :]
     y = jnp.where(inside, y_t.astype(jnp.float32), 0.0)
     count = y_t.shape[0] * height * width
     n, c = y_t.shape[2:4]
@@ -320,25 +331,25 @@ def tile_moments(y_t: Array, height: int, width: int, block: int) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _block_max(y_t: Array, pool: _Pool) -> Array:
-    return jnp.max(pool.blocks(y_t), axis=(-3, -1)).reshape(*y_t.shape[:-1], -1)
+def _block_max(y_t: Array, grid: _Grid) -> Array:
+    return jnp.max(grid.blocks(y_t), axis=(-3, -1)).reshape(*y_t.shape[:-1], -1)
 
 
-def _block_max_fwd(y_t: Array, pool: _Pool):
-    return _block_max(y_t, pool), y_t
+def _block_max_fwd(y_t: Array, grid: _Grid):
+    return _block_max(y_t, grid), y_t
 
 
-def _block_max_bwd(pool: _Pool, y_t: Array, g: Array):
+def _block_max_bwd(grid: _Grid, y_t: Array, g: Array):
     """Each block's gradient split equally among its maxima, as ``jnp.max``'s (the map path's
     ``nn.block_max`` on CPU and GPU): the stem's outputs tie in every block while its queries
     are zero (``zero_query``). The maxima and their places come out of one reduction
     (``attention.maxima``), not a comparison of values XLA may have computed twice."""
-    block, place = pool.lanes()
-    kind = maxima.bits_type(pool.block**2)
+    block, place = grid.lanes()
+    kind = maxima.bits_type(grid.block**2)
     bits = jnp.asarray(maxima.place_bits(place, kind))
     lanes = jax.lax.broadcast_in_dim(bits, y_t.shape, (y_t.ndim - 1,))
     axes = (y_t.ndim, y_t.ndim + 2)
-    _, held = maxima.block_maxima(pool.blocks(y_t), pool.blocks(lanes), axes)
+    _, held = maxima.block_maxima(grid.blocks(y_t), grid.blocks(lanes), axes)
     held = held.reshape(*y_t.shape[:-1], -1)  # [b, T, n, c, blocks]: bits of each max
     count = jax.lax.population_count(held).astype(jnp.float32)
     owner = jnp.asarray(np.maximum(block, 0))
@@ -355,14 +366,15 @@ def tile_block_max(y_t: Array, height: int, width: int, block: int) -> Array:
     whose output tiles are ``y_t`` ``[b, T, n, c, TQ]`` (``tiled=True``), without laying the
     map out. In the backward pass a block's gradient is split equally among its maxima, as
     ``jnp.max``'s. Every tile holds whole blocks (``fits``)."""
-    pool = _Pool(height, width, block)
-    p = _block_max(y_t, pool)
-    return pool.to_map(p)
+    grid = _Grid(height, width, block)
+    p = _block_max(y_t, grid)
+    return grid.to_map(p)
 
 
 __all__ = [
     "KERNEL_NAME",
     "fits",
+    "layout",
     "stem_attention",
     "stem_bwd_p",
     "stem_p",
