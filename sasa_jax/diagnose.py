@@ -30,7 +30,7 @@ from flax import nnx
 from sasa_jax import data, tasks
 from sasa_jax.analysis import diagnostics, shifts
 from sasa_jax.train import workdir as run_record
-from sasa_jax.train.loop import restored_states
+from sasa_jax.train.restore import restored_states
 
 COLUMNS = ("in_rms", "out_rms", "entropy", "top", "qk_std", "qr_std", "rel_rms", "grad_ratio")
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from sasa_jax import data, tasks
-from sasa_jax.train import loop as train_lib
+from sasa_jax.train.restore import load_run
 from sasa_jax.viz.attention_maps import attention_maps, draw
 from sasa_jax.viz.detections import draw_detections, predict_examples
 
@@ -51,7 +51,7 @@ def visualize(workdir: str, image_path: str | None = None, out: str | None = Non
     or ``detections.png`` for a detection run)."""
     if not pathlib.Path(workdir).is_dir():
         raise FileNotFoundError(f"no such workdir: {workdir}")
-    config, model, step = train_lib.load_run(workdir)
+    config, model, step = load_run(workdir)
     task = tasks.make_task(config, config.model.num_classes)
     if isinstance(task, tasks.DetectionTask):
         if image_path:

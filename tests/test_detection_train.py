@@ -21,6 +21,7 @@ from sasa_jax.detection.coco_eval import METRICS
 from sasa_jax.train import config as config_lib
 from sasa_jax.train import loop as train_lib
 from sasa_jax.train.metrics import read_metrics
+from sasa_jax.train.restore import load_run
 from tests import coco_fixtures
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def test_digit_scenes_train_and_resume_from_half_way(tmp_path, monkeypatch):
     for name in ("train_loss", "train_class_loss", "train_box_loss", "train_positives"):
         assert np.isfinite(result[name]), name
     assert result["train_positives"] > 0
-    _, model, step = train_lib.load_run(str(workdir))
+    _, model, step = load_run(str(workdir))
     weights = jax.tree.leaves(jax.tree.map(np.asarray, model.backbone.stages))
     assert step == 4
 
@@ -67,7 +68,7 @@ def test_digit_scenes_train_and_resume_from_half_way(tmp_path, monkeypatch):
     shutil.rmtree(workdir / "checkpoints" / "4")  # as if stopped after the step-2 checkpoint
     train_lib.train_and_evaluate(config, str(workdir))
     assert _final_eval(workdir) == first
-    _, again, _ = train_lib.load_run(str(workdir))
+    _, again, _ = load_run(str(workdir))
     for a, b in zip(
         weights, jax.tree.leaves(jax.tree.map(np.asarray, again.backbone.stages)), strict=True
     ):

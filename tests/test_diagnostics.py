@@ -101,7 +101,7 @@ def test_a_stem_that_sees_only_its_tiles_mean_passes_two_directions():
 
 @pytest.mark.slow
 def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
-    from sasa_jax.train import loop
+    from sasa_jax.train import loop, restore
 
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     config = config_lib.from_file(ROOT / "configs/digits.py", "variant=full_attention")
@@ -119,7 +119,7 @@ def test_diagnose_reads_a_runs_checkpoints(tmp_path, monkeypatch, capsys):
     moved = {r["param"]: r["moved"] for r in rows if "param" in r}
     assert {r["step"] for r in rows if "param" in r} == {2}
     assert all(path.startswith("stem/") for path in moved)
-    (_, _, _, start), (_, _, _, end) = loop.restored_states(config, run, [2], True)
+    (_, _, _, start), (_, _, _, end) = restore.restored_states(config, run, [2], True)
     for name in ("emb_row", "value_mixture"):
         w0 = np.asarray(start.params["stem"]["attention"][name].get_value())
         w2 = np.asarray(end.params["stem"]["attention"][name].get_value())

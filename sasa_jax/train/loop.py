@@ -1,4 +1,4 @@
-"""The resumable training loop: ``train_and_evaluate(config, workdir)``, and ``load_run``.
+"""The resumable training loop: ``train_and_evaluate(config, workdir)``.
 
 Data parallelism is ``jax.jit`` over a ``Mesh`` with one ``data`` axis: the batch is sharded,
 the state replicated and donated. Batch-norm statistics are taken over the global batch,
@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sasa_jax import data, tasks
@@ -367,43 +366,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.close()
         writer.close()
     return {"step": int(_host(state.step)), "stopped": stop, **last}
-
-
-def restored_states(config, workdir: str, steps="all", init: bool = False):
-    """``(step, graphdef, eval_graphdef, state)`` of a run made by ``train.py``: its initial
-    train state when ``init`` (step 0), then each checkpoint in ``steps`` (a list of steps,
-    ``"all"`` kept ones or the ``"latest"``).
-
-    Raises FileNotFoundError for ``"latest"`` when there is no checkpoint yet, and ValueError
-    for a listed step that is not kept.
-    """
-    model = tasks.make_task(config, config.model.num_classes).create_model(config.seed)
-    graphdef, eval_graph, state = create_train_state(model, create_optimizer(config), config)
-    if init:
-        yield 0, graphdef, eval_graph, state
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    try:
-        kept = sorted(checkpointer.all_steps())
-        if steps == "latest" and not kept:
-            raise FileNotFoundError(f"{workdir} has no checkpoint yet")
-        chosen = kept if steps == "all" else kept[-1:] if steps == "latest" else list(steps)
-        for step in chosen:
-            if step not in kept:
-                raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {kept}")
-            yield step, graphdef, eval_graph, checkpointer.restore_state(step, state)
-    finally:
-        checkpointer.close()
-
-
-def load_run(workdir: str):
-    """``(config, model in eval mode with the latest checkpoint's weights, step)`` of a run
-    made by ``train.py``; the EMA weights when the run kept them, as eval does.
-
-    Raises FileNotFoundError if ``workdir`` holds no run or no checkpoint yet.
-    """
-    config = run_record.load_config(workdir)
-    ((step, _, eval_graph, state),) = restored_states(config, workdir, "latest")
-    return config, nnx.merge(eval_graph, state.eval_params(), state.batch_stats), step
 
 
 def _check_finite(flags: list, step: int, checkpointer: Checkpointer) -> None:
