@@ -4,15 +4,24 @@ with the latest weights (``load_run``), for the tools that look at runs (``diagn
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import ml_collections
 from flax import nnx
 
 from sasa_jax import tasks
 from sasa_jax.train import workdir as run_record
 from sasa_jax.train.checkpoints import Checkpointer
-from sasa_jax.train.steps import create_optimizer, create_train_state
+from sasa_jax.train.steps import TrainState, create_optimizer, create_train_state
 
 
-def restored_states(config, workdir: str, steps="all", init: bool = False):
+def restored_states(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    steps: Sequence[int] | Literal["all", "latest"] = "all",
+    init: bool = False,
+) -> Iterator[tuple[int, nnx.GraphDef, nnx.GraphDef, TrainState]]:
     """``(step, graphdef, eval_graphdef, state)`` of a run made by ``train.py``: its initial
     train state when ``init`` (step 0), then each checkpoint in ``steps`` (a list of steps,
     ``"all"`` kept ones or the ``"latest"``).
@@ -38,7 +47,7 @@ def restored_states(config, workdir: str, steps="all", init: bool = False):
         checkpointer.close()
 
 
-def load_run(workdir: str):
+def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
     """``(config, model in eval mode with the latest checkpoint's weights, step)`` of a run
     made by ``train.py``; the EMA weights when the run kept them, as eval does.
 
