@@ -121,20 +121,20 @@ def wide_tables(rel_row: Array, rel_col: Array, channels: int) -> tuple[Array, A
 
 
 def _specs(lay: Layout, shapes: dict[str, tuple[int, ...]]) -> dict[str, pl.BlockSpec]:
-    """BlockSpecs of the kernels' inputs by name, over the grid (image, tile)."""
+    """BlockSpecs of the kernels' inputs by name, over the grid (tile, image)."""
     columns = lay.cols.tiles
     specs = {}
     for name, shape in shapes.items():
         if name == "rsel":
             specs[name] = pl.BlockSpec(
-                (1, *shape[1:]), lambda b, t: (jax.lax.div(t, columns), 0, 0)
+                (1, *shape[1:]), lambda t, b: (jax.lax.div(t, columns), 0, 0)
             )
         elif name == "csel":
             specs[name] = pl.BlockSpec(
-                (1, *shape[1:]), lambda b, t: (jax.lax.rem(t, columns), 0, 0)
+                (1, *shape[1:]), lambda t, b: (jax.lax.rem(t, columns), 0, 0)
             )
         elif name in ("rr", "rc"):
-            specs[name] = pl.BlockSpec(shape, lambda b, t: (0, 0))
+            specs[name] = pl.BlockSpec(shape, lambda t, b: (0, 0))
         else:
             specs[name] = _block(shape)
     return specs
@@ -143,7 +143,7 @@ def _specs(lay: Layout, shapes: dict[str, tuple[int, ...]]) -> dict[str, pl.Bloc
 def _block(shape: tuple[int, ...]) -> pl.BlockSpec:
     """One (image, tile) block of a ``[b, T, ...]`` array."""
     rest = len(shape) - 2
-    return pl.BlockSpec((1, 1, *shape[2:]), lambda b, t: (b, t) + (0,) * rest)
+    return pl.BlockSpec((1, 1, *shape[2:]), lambda t, b: (b, t) + (0,) * rest)
 
 
 def _cost(kernel, lay: Layout, spec: TpuSpec, inputs: dict, outputs: dict) -> pl.CostEstimate:
@@ -170,8 +170,10 @@ def kernel_call(
     interpret: bool,
     name: str = "sasa_tpu",
 ):
-    """``pallas_call`` over the grid (image, tile) with ``inputs`` and ``outputs`` by name,
-    named ``{name}_{kernel's name}``."""
+    """``pallas_call`` over the grid (tile, image) with ``inputs`` and ``outputs`` by name,
+    named ``{name}_{kernel's name}``. The images are the inner loop, so that the selectors of
+    a tile (``[M, TQ]`` int32 each, larger than a head's keys) are copied into VMEM once for
+    all the images, not once a program."""
     from jax.experimental.pallas import tpu as pltpu
 
     shapes = {name: tuple(x.shape) for name, x in inputs.items()}
@@ -179,7 +181,7 @@ def kernel_call(
     b, tiles = inputs["q"].shape[:2]
     return pl.pallas_call(
         functools.partial(kernel, spec=spec),
-        grid=(b, tiles),
+        grid=(tiles, b),
         in_specs=[specs[name] for name in inputs],
         out_specs=[_block(s.shape) for s in outputs.values()],
         out_shape=list(outputs.values()),

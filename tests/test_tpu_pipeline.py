@@ -1,0 +1,74 @@
+"""The TPU kernels' grid: the order Pallas runs its programs in decides which blocks it copies
+from HBM again. It copies a block only when the block's index changes from one program to the
+next, so the selectors of a tile (``[M, TQ]`` int32 each) must stay put while the images of
+that tile run: once per tile, not once per program. Checked on the real ``pallas_call``s of
+``pallas_tpu.forward`` and ``backward`` (their grid and index maps, evaluated in the grid's
+order), not on a copy of them."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import jaxpr_as_fun
+
+from sasa_jax.attention import pallas_tpu
+from sasa_jax.attention.windows import axis_window
+
+IMAGES = 3
+ROWS, COLS = axis_window(20, 7, 1, "mask"), axis_window(40, 7, 1, "mask")
+
+
+def _pallas_calls(fn, *args):
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return [e.params["grid_mapping"] for e in eqns if e.primitive.name == "pallas_call"]
+
+
+def _copies(grid_mapping) -> tuple[list[int], list[set], int]:
+    """For each block mapping: how many times its block index changes over the grid, run as
+    nested loops with the first axis outermost (the first program's copy included); the
+    blocks it visits; and the number of programs."""
+    grid = grid_mapping.grid
+    maps = [jaxpr_as_fun(bm.index_map_jaxpr) for bm in grid_mapping.block_mappings]
+    last = [None] * len(maps)
+    copies = [0] * len(maps)
+    seen = [set() for _ in maps]
+    programs = 0
+    for ids in itertools.product(*(range(n) for n in grid)):
+        programs += 1
+        for i, index_map in enumerate(maps):
+            index = tuple(int(v) for v in index_map(*(jnp.int32(p) for p in ids)))
+            copies[i] += index != last[i]
+            last[i] = index
+            seen[i].add(index)
+    return copies, seen, programs
+
+
+def test_each_tiles_selectors_are_copied_once_for_all_images():
+    x = jnp.zeros((IMAGES, 20, 40, 2, 8), jnp.float32)
+    table = jnp.zeros((7, 4), jnp.float32)
+    lay = pallas_tpu.layout(ROWS.spec, COLS.spec)
+    tiles = lay.rows.tiles * lay.cols.tiles
+    assert lay.rows.tiles > 1 and lay.cols.tiles > 1  # both selectors change between tiles
+
+    def forward(q, k, v):
+        return pallas_tpu.forward(q, k, v, table, table, ROWS, COLS, interpret=True)
+
+    def backward(q, k, v):
+        out, lse = forward(q, k, v)
+        return pallas_tpu.backward(q, k, v, table, table, out, lse, out, ROWS, COLS, interpret=True)
+
+    calls = _pallas_calls(forward, x, x, x) + _pallas_calls(backward, x, x, x)[1:]
+    assert len(calls) == 2
+    for grid_mapping in calls:
+        copies, seen, programs = _copies(grid_mapping)
+        assert programs == IMAGES * tiles
+        dtypes = [bm.array_aval.dtype for bm in grid_mapping.block_mappings]
+        selectors = [i for i, dtype in enumerate(dtypes) if dtype == np.int32]
+        assert len(selectors) == 2
+        for i in selectors:
+            assert copies[i] <= tiles, (i, copies[i])
+        # every (image, tile) block of q is visited, each once
+        assert copies[0] == programs and len(seen[0]) == programs
