@@ -72,3 +72,18 @@ def test_each_tiles_selectors_are_copied_once_for_all_images():
             assert copies[i] <= tiles, (i, copies[i])
         # every (image, tile) block of q is visited, each once
         assert copies[0] == programs and len(seen[0]) == programs
+
+
+def test_one_tile_puts_the_images_first():
+    """With one tile there is nothing to keep in VMEM: the images are the leading (parallel)
+    axis, so that it is not one long."""
+    win = axis_window(7, 7, 1, "mask")
+    x = jnp.zeros((IMAGES, 7, 7, 2, 8), jnp.float32)
+
+    def forward(q, k, v):
+        return pallas_tpu.forward(q, k, v, None, None, win, win, interpret=True)
+
+    (grid_mapping,) = _pallas_calls(forward, x, x, x)
+    assert tuple(grid_mapping.grid) == (IMAGES, 1)
+    copies, seen, programs = _copies(grid_mapping)
+    assert programs == IMAGES and copies[0] == IMAGES and len(seen[0]) == IMAGES

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -120,30 +121,46 @@ def wide_tables(rel_row: Array, rel_col: Array, channels: int) -> tuple[Array, A
 # The pallas_calls.
 
 
-def _specs(lay: Layout, shapes: dict[str, tuple[int, ...]]) -> dict[str, pl.BlockSpec]:
-    """BlockSpecs of the kernels' inputs by name, over the grid (tile, image)."""
+def _grid(lay: Layout, images: int) -> tuple[tuple[int, int], Callable]:
+    """The grid, and the (tile, image) of a program's ids. The tiles outermost and the images
+    innermost, so that a tile's selectors (``[M, TQ]`` int32 each, larger than a head's keys)
+    are copied into VMEM once for all its images, not once a program: a pipeline copies a
+    block again only when its index changes. With one tile there is nothing to keep, and the
+    images go first, so that the leading parallel axis is not one long."""
+    if lay.tiles > 1:
+        return (lay.tiles, images), lambda i, j: (i, j)
+    return (images, lay.tiles), lambda i, j: (j, i)
+
+
+def _specs(lay: Layout, shapes: dict, at: Callable) -> dict[str, pl.BlockSpec]:
+    """BlockSpecs of the kernels' inputs by name; ``at`` gives a program's (tile, image)."""
     columns = lay.cols.tiles
     specs = {}
     for name, shape in shapes.items():
         if name == "rsel":
             specs[name] = pl.BlockSpec(
-                (1, *shape[1:]), lambda t, b: (jax.lax.div(t, columns), 0, 0)
+                (1, *shape[1:]), lambda *ids: (jax.lax.div(at(*ids)[0], columns), 0, 0)
             )
         elif name == "csel":
             specs[name] = pl.BlockSpec(
-                (1, *shape[1:]), lambda t, b: (jax.lax.rem(t, columns), 0, 0)
+                (1, *shape[1:]), lambda *ids: (jax.lax.rem(at(*ids)[0], columns), 0, 0)
             )
         elif name in ("rr", "rc"):
-            specs[name] = pl.BlockSpec(shape, lambda t, b: (0, 0))
+            specs[name] = pl.BlockSpec(shape, lambda *ids: (0, 0))
         else:
-            specs[name] = _block(shape)
+            specs[name] = _block(shape, at)
     return specs
 
 
-def _block(shape: tuple[int, ...]) -> pl.BlockSpec:
+def _block(shape: tuple[int, ...], at: Callable) -> pl.BlockSpec:
     """One (image, tile) block of a ``[b, T, ...]`` array."""
     rest = len(shape) - 2
-    return pl.BlockSpec((1, 1, *shape[2:]), lambda t, b: (b, t) + (0,) * rest)
+
+    def index(*ids):
+        tile, image = at(*ids)
+        return (image, tile) + (0,) * rest
+
+    return pl.BlockSpec((1, 1, *shape[2:]), index)
 
 
 def _cost(kernel, lay: Layout, spec: TpuSpec, inputs: dict, outputs: dict) -> pl.CostEstimate:
@@ -170,20 +187,17 @@ def kernel_call(
     interpret: bool,
     name: str = "sasa_tpu",
 ):
-    """``pallas_call`` over the grid (tile, image) with ``inputs`` and ``outputs`` by name,
-    named ``{name}_{kernel's name}``. The images are the inner loop, so that the selectors of
-    a tile (``[M, TQ]`` int32 each, larger than a head's keys) are copied into VMEM once for
-    all the images, not once a program."""
+    """``pallas_call`` over the grid of (tile, image) pairs (``_grid``) with ``inputs`` and
+    ``outputs`` by name, named ``{name}_{kernel's name}``."""
     from jax.experimental.pallas import tpu as pltpu
 
-    shapes = {name: tuple(x.shape) for name, x in inputs.items()}
-    specs = _specs(lay, shapes)
-    b, tiles = inputs["q"].shape[:2]
+    grid, at = _grid(lay, inputs["q"].shape[0])
+    specs = _specs(lay, {name: tuple(x.shape) for name, x in inputs.items()}, at)
     return pl.pallas_call(
         functools.partial(kernel, spec=spec),
-        grid=(tiles, b),
+        grid=grid,
         in_specs=[specs[name] for name in inputs],
-        out_specs=[_block(s.shape) for s in outputs.values()],
+        out_specs=[_block(s.shape, at) for s in outputs.values()],
         out_shape=list(outputs.values()),
         interpret=interpret,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
