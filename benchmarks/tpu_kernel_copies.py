@@ -21,8 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import jaxpr_as_fun
 
+from sasa_jax.analysis import pallas_grid
 from sasa_jax.attention import pallas_tpu
 from sasa_jax.attention.windows import BLOCKS, axis_window
 
@@ -31,25 +31,14 @@ STAGES = [(56, 64, 1), (56, 128, 1), (28, 128, 1), (28, 256, 1), (14, 256, 3), (
 STEM = (224, 4, 16)  # map side, heads, channels a head
 
 
-def _indices(index_map, ids: jax.Array) -> np.ndarray:
-    """``[programs, block dims]``: ``index_map``'s block index at each program id."""
-    fn = jaxpr_as_fun(index_map)
-    return np.stack([np.asarray(i) for i in jax.vmap(lambda p: fn(*p))(ids)], -1)
-
-
 def copied_bytes(grid_mapping) -> tuple[int, int]:
-    """(all inputs, the int32 ones): bytes of the blocks copied in over the grid, run as nested
-    loops with the first axis outermost; a block is copied when its index changes."""
-    grid = grid_mapping.grid
-    ids = np.stack(np.meshgrid(*(np.arange(n) for n in grid), indexing="ij"), -1)
-    ids = jnp.asarray(ids.reshape(-1, len(grid)), jnp.int32)
+    """(all inputs, the int32 ones): bytes of the blocks copied in over the grid
+    (``analysis.pallas_grid``: a block is copied when its index changes)."""
     total = selectors = 0
     inputs = grid_mapping.block_mappings[: grid_mapping.num_inputs]
-    for bm in inputs:
-        index = _indices(bm.index_map_jaxpr, ids)
-        changes = 1 + int(np.any(index[1:] != index[:-1], axis=-1).sum())
+    for bm, index in zip(inputs, pallas_grid.block_indices(grid_mapping), strict=True):
         block = int(np.prod([d.block_size for d in bm.block_shape]))
-        size = changes * block * bm.array_aval.dtype.itemsize
+        size = pallas_grid.copies(index) * block * bm.array_aval.dtype.itemsize
         total += size
         selectors += size if bm.array_aval.dtype == np.int32 else 0
     return total, selectors
@@ -63,8 +52,7 @@ def _calls(rows, cols, batch: int, heads: int, channels: int) -> list:
         out, lse = pallas_tpu.forward(q, k, v, table, table, rows, cols)
         return pallas_tpu.backward(q, k, v, table, table, out, lse, out, rows, cols)
 
-    eqns = jax.make_jaxpr(step)(x, x, x).jaxpr.eqns
-    return [e.params["grid_mapping"] for e in eqns if e.primitive.name == "pallas_call"]
+    return pallas_grid.pallas_calls(step, x, x, x)
 
 
 def measure(batch: int) -> list[dict]:

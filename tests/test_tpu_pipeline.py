@@ -3,17 +3,14 @@ from HBM again. It copies a block only when the block's index changes from one p
 next, so the selectors of a tile (``[M, TQ]`` int32 each) must stay put while the images of
 that tile run: once per tile, not once per program. Checked on the real ``pallas_call``s of
 ``pallas_tpu.forward`` and ``backward`` (their grid and index maps, evaluated in the grid's
-order), not on a copy of them."""
+order by ``analysis.pallas_grid``), not on a copy of them."""
 
 from __future__ import annotations
 
-import itertools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import jaxpr_as_fun
 
+from sasa_jax.analysis import pallas_grid
 from sasa_jax.attention import pallas_tpu
 from sasa_jax.attention.windows import axis_window
 
@@ -21,29 +18,12 @@ IMAGES = 3
 ROWS, COLS = axis_window(20, 7, 1, "mask"), axis_window(40, 7, 1, "mask")
 
 
-def _pallas_calls(fn, *args):
-    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
-    return [e.params["grid_mapping"] for e in eqns if e.primitive.name == "pallas_call"]
-
-
 def _copies(grid_mapping) -> tuple[list[int], list[set], int]:
-    """For each block mapping: how many times its block index changes over the grid, run as
-    nested loops with the first axis outermost (the first program's copy included); the
-    blocks it visits; and the number of programs."""
-    grid = grid_mapping.grid
-    maps = [jaxpr_as_fun(bm.index_map_jaxpr) for bm in grid_mapping.block_mappings]
-    last = [None] * len(maps)
-    copies = [0] * len(maps)
-    seen = [set() for _ in maps]
-    programs = 0
-    for ids in itertools.product(*(range(n) for n in grid)):
-        programs += 1
-        for i, index_map in enumerate(maps):
-            index = tuple(int(v) for v in index_map(*(jnp.int32(p) for p in ids)))
-            copies[i] += index != last[i]
-            last[i] = index
-            seen[i].add(index)
-    return copies, seen, programs
+    """For each input: how many times its block is copied in over the grid (the first
+    program's copy included); the blocks it visits; and the number of programs."""
+    indices = pallas_grid.block_indices(grid_mapping)
+    seen = [set(map(tuple, index.tolist())) for index in indices]
+    return [pallas_grid.copies(index) for index in indices], seen, len(indices[0])
 
 
 def test_each_tiles_selectors_are_copied_once_for_all_images():
@@ -60,12 +40,14 @@ def test_each_tiles_selectors_are_copied_once_for_all_images():
         out, lse = forward(q, k, v)
         return pallas_tpu.backward(q, k, v, table, table, out, lse, out, ROWS, COLS, interpret=True)
 
-    calls = _pallas_calls(forward, x, x, x) + _pallas_calls(backward, x, x, x)[1:]
+    backward_calls = pallas_grid.pallas_calls(backward, x, x, x)[1:]  # after its forward
+    calls = pallas_grid.pallas_calls(forward, x, x, x) + backward_calls
     assert len(calls) == 2
     for grid_mapping in calls:
         copies, seen, programs = _copies(grid_mapping)
         assert programs == IMAGES * tiles
-        dtypes = [bm.array_aval.dtype for bm in grid_mapping.block_mappings]
+        inputs = grid_mapping.block_mappings[: grid_mapping.num_inputs]
+        dtypes = [bm.array_aval.dtype for bm in inputs]
         selectors = [i for i, dtype in enumerate(dtypes) if dtype == np.int32]
         assert len(selectors) == 2
         for i in selectors:
@@ -83,7 +65,7 @@ def test_one_tile_puts_the_images_first():
     def forward(q, k, v):
         return pallas_tpu.forward(q, k, v, None, None, win, win, interpret=True)
 
-    (grid_mapping,) = _pallas_calls(forward, x, x, x)
+    (grid_mapping,) = pallas_grid.pallas_calls(forward, x, x, x)
     assert tuple(grid_mapping.grid) == (IMAGES, 1)
     copies, seen, programs = _copies(grid_mapping)
     assert programs == IMAGES and copies[0] == IMAGES and len(seen[0]) == IMAGES
