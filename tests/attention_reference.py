@@ -267,3 +267,50 @@ def random_inputs(seed, image, window, border, rel, batch=2, heads=2, dim=4, dim
         lr, lc = (2 * kh - 1, 2 * kw - 1) if border == "clamp" else (kh, kw)
         tables = {"rel_row": normal(lr, dim // 2), "rel_col": normal(lc, dim // 2)}
     return q, None if rel == "qr" else k, v, tables
+
+
+def stem_arrays(image, cin, width, heads, block, *, batch=2, seed=0):
+    """Random float32 inputs of the attention stem with its projections (``x``, ``wq``,
+    ``wk``, ``wv``, the two tables) and an output cotangent."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    c = width // heads
+    x = normal(batch, *image, cin)
+    wq, wk = normal(cin, width, scale=0.7), normal(cin, width, scale=0.7)
+    wv = normal(block * block * cin, width, scale=0.7)
+    tables = normal(2 * block - 1, c // 2), normal(2 * block - 1, c // 2)
+    return x, wq, wk, wv, *tables, normal(batch, *image, width)
+
+
+def reference_stem_attention_np(x, wq, wk, wv, rel_row, rel_col, c_out, heads, block):
+    """The attention stem with its projections, in float64: its output and the gradients of
+    ``sum(out * c_out)`` for (x, wq, wk, wv, tables). q (scaled by ``c^-1/2``), k and each
+    position's value projected in NumPy, attention and its q/k/v gradients from the per-tile
+    reference, then the projections' chain rule."""
+    x, wq, wk, wv = (np.asarray(a, np.float64) for a in (x, wq, wk, wv))
+    b, h, w, cin = x.shape
+    width = wq.shape[1]
+    c = width // heads
+    scale = c**-0.5
+    position = (np.arange(h)[:, None] % block) * block + np.arange(w)[None, :] % block
+    per_pixel = wv.reshape(block * block, cin, width)[position]  # [H, W, cin, width]
+    q, k = scale * x @ wq, x @ wk
+    v = np.einsum("bhwi,hwio->bhwo", x, per_pixel)
+    split = [a.reshape(b, h, w, heads, c) for a in (q, k, v, c_out)]
+    tiles = b * (h // block) * (w // block)
+    c_w = np.zeros((tiles, block, block, heads, block * block))
+    out, _, (dq, dk, dv, d_row, d_col) = reference_block_attention_np(
+        *split[:3], rel_row, rel_col, block, c_out=split[3], c_w=c_w
+    )
+    dq, dk, dv = (g.reshape(b, h, w, width) for g in (dq, dk, dv))
+    dx = scale * dq @ wq.T + dk @ wk.T + np.einsum("bhwo,hwio->bhwi", dv, per_pixel)
+    dwq = scale * np.einsum("bhwi,bhwo->io", x, dq)
+    dwk = np.einsum("bhwi,bhwo->io", x, dk)
+    d_per_pixel = np.einsum("bhwi,bhwo->hwio", x, dv)
+    dwv = np.zeros((block * block, cin, width))
+    np.add.at(dwv, position.reshape(-1), d_per_pixel.reshape(h * w, cin, width))
+    grads = (dx, dwq, dwk, dwv.reshape(-1, width), d_row, d_col)
+    return out.reshape(b, h, w, width), grads

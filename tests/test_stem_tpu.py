@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_block_attention_np
+from attention_reference import reference_stem_attention_np, stem_arrays
 from flax import nnx
 
 from sasa_jax.attention import stem_attention
@@ -21,47 +21,11 @@ HEADS, BLOCK = 2, 4
 
 
 def _arrays(image, cin, width, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def normal(*shape, scale=1.0):
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
-
-    c = width // HEADS
-    x = normal(2, *image, cin)
-    wq, wk = normal(cin, width, scale=0.7), normal(cin, width, scale=0.7)
-    wv = normal(BLOCK * BLOCK * cin, width, scale=0.7)
-    tables = normal(2 * BLOCK - 1, c // 2), normal(2 * BLOCK - 1, c // 2)
-    return x, wq, wk, wv, *tables, normal(2, *image, width)
+    return stem_arrays(image, cin, width, HEADS, BLOCK, seed=seed)
 
 
 def _reference(x, wq, wk, wv, rel_row, rel_col, c_out):
-    """Output and gradients (x, wq, wk, wv, tables) in float64: q, k and each position's
-    value projected in NumPy, attention and its q/k/v gradients from the per-tile reference,
-    then the projections' chain rule."""
-    x, wq, wk, wv = (np.asarray(a, np.float64) for a in (x, wq, wk, wv))
-    b, h, w, cin = x.shape
-    width = wq.shape[1]
-    c = width // HEADS
-    scale = c**-0.5
-    position = (np.arange(h)[:, None] % BLOCK) * BLOCK + np.arange(w)[None, :] % BLOCK
-    per_pixel = wv.reshape(BLOCK * BLOCK, cin, width)[position]  # [H, W, cin, width]
-    q, k = scale * x @ wq, x @ wk
-    v = np.einsum("bhwi,hwio->bhwo", x, per_pixel)
-    split = [a.reshape(b, h, w, HEADS, c) for a in (q, k, v, c_out)]
-    tiles = b * (h // BLOCK) * (w // BLOCK)
-    c_w = np.zeros((tiles, BLOCK, BLOCK, HEADS, BLOCK * BLOCK))
-    out, _, (dq, dk, dv, d_row, d_col) = reference_block_attention_np(
-        *split[:3], rel_row, rel_col, BLOCK, c_out=split[3], c_w=c_w
-    )
-    dq, dk, dv = (g.reshape(b, h, w, width) for g in (dq, dk, dv))
-    dx = scale * dq @ wq.T + dk @ wk.T + np.einsum("bhwo,hwio->bhwi", dv, per_pixel)
-    dwq = scale * np.einsum("bhwi,bhwo->io", x, dq)
-    dwk = np.einsum("bhwi,bhwo->io", x, dk)
-    d_per_pixel = np.einsum("bhwi,bhwo->hwio", x, dv)
-    dwv = np.zeros((BLOCK * BLOCK, cin, width))
-    np.add.at(dwv, position.reshape(-1), d_per_pixel.reshape(h * w, cin, width))
-    grads = (dx, dwq, dwk, dwv.reshape(-1, width), d_row, d_col)
-    return out.reshape(b, h, w, width), grads
+    return reference_stem_attention_np(x, wq, wk, wv, rel_row, rel_col, c_out, HEADS, BLOCK)
 
 
 def _ours(arrays, dtype):

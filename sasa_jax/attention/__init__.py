@@ -3,7 +3,8 @@
 ``local_attention`` and ``block_attention`` check their arguments and run one module per
 implementation, through a primitive lowered per platform (``dispatch``): ``auto`` chooses per
 lowering platform. Importing an implementation module registers it. ``stem_attention`` is
-the attention stem's attention with its projections in the TPU kernel's tile layout.
+the attention stem's attention with its projections in the TPU kernel's tile layout;
+``native_stem.stem_attention`` the same inside the C++ CPU kernel.
 """
 
 from sasa_jax.attention import gather, native, pallas, tiled  # noqa: F401  (register them)

@@ -1,6 +1,8 @@
 """Building the "native" CPU kernel: compiler, flags, cache, and loading it into XLA.
 
-The kernel's source (``cpu_kernel.cc``) ships with the package. It is compiled the first time
+The kernels' sources (``cpu_kernel.cc``, the op; ``cpu_stem_kernel.cc``, the attention stem;
+``cpu_common.h``, what they share) ship with the package and build into one library. It is
+compiled the first time
 the op runs on CPU -- not when a layer is built, a model summarised or the implementations
 listed -- with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``)
 against the FFI headers of the installed jaxlib, into a cache directory (``$SASA_JAX_CACHE``,
@@ -27,9 +29,19 @@ from pathlib import Path
 
 import jax
 
-SOURCE = "cpu_kernel.cc"
+SOURCES = ("cpu_kernel.cc", "cpu_stem_kernel.cc")
+HEADERS = ("cpu_common.h",)
 FORWARD_TARGET = "sasa_local_attention_forward"
 BACKWARD_TARGET = "sasa_local_attention_backward"
+STEM_FORWARD_TARGET = "sasa_stem_attention_forward"
+STEM_BACKWARD_TARGET = "sasa_stem_attention_backward"
+# Each FFI target and the library symbol that implements it.
+TARGETS = {
+    FORWARD_TARGET: "SasaLocalAttentionForward",
+    BACKWARD_TARGET: "SasaLocalAttentionBackward",
+    STEM_FORWARD_TARGET: "SasaStemForward",
+    STEM_BACKWARD_TARGET: "SasaStemBackward",
+}
 
 
 def _cache_dir() -> Path:
@@ -65,38 +77,47 @@ def _x86_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= words else []
 
 
-def compile_command(compiler: str, source: Path, output: Path) -> list[str]:
-    """The command that builds the kernel's shared library."""
+def compile_command(compiler: str, sources: list[Path], output: Path) -> list[str]:
+    """The command that builds the kernels' shared library from ``sources`` (the ``.cc``
+    files; the headers sit beside them)."""
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-w"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _x86_flags()
     flags += os.environ.get("SASA_JAX_CXXFLAGS", "").split()
     include = jax.ffi.include_dir()
-    return [compiler, *flags, f"-I{include}", str(source), "-o", str(output)]
+    return [compiler, *flags, f"-I{include}", *map(str, sources), "-o", str(output)]
 
 
-def _library_path(compiler: str, source: bytes) -> Path:
-    """Where the library for this source, compiler, flags and jaxlib lives in the cache."""
+def _sources() -> dict[str, bytes]:
+    """Every file the library is built from, by name."""
+    package = resources.files("sasa_jax.attention")
+    return {name: package.joinpath(name).read_bytes() for name in (*SOURCES, *HEADERS)}
+
+
+def _library_path(compiler: str, files: dict[str, bytes]) -> Path:
+    """Where the library for these files, compiler, flags and jaxlib lives in the cache."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
-    probe = compile_command(compiler, Path("src"), Path("out"))
+    probe = compile_command(compiler, [Path(name) for name in SOURCES], Path("out"))
     key = hashlib.sha256()
-    for part in (source, version.encode(), " ".join(probe).encode(), jax.__version__.encode()):
+    parts = [name.encode() + b"\0" + text for name, text in files.items()]
+    for part in (*parts, version.encode(), " ".join(probe).encode(), jax.__version__.encode()):
         key.update(part)
         key.update(b"\0")
     return _cache_dir() / f"sasa_cpu_kernel_{key.hexdigest()[:20]}.so"
 
 
-def _build(compiler: str, source: bytes, path: Path) -> None:
+def _build(compiler: str, files: dict[str, bytes], path: Path) -> None:
     """Compiles into a temporary file and moves it into place (safe for parallel builds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / SOURCE
-        src.write_bytes(source)
+        for name, text in files.items():
+            (Path(tmp) / name).write_bytes(text)
+        sources = [Path(tmp) / name for name in SOURCES]
         out = Path(tmp) / path.name
         result = subprocess.run(
-            compile_command(compiler, src, out), capture_output=True, text=True, check=False
+            compile_command(compiler, sources, out), capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-2000:] or "the compiler failed")
@@ -135,20 +156,16 @@ def library() -> ctypes.CDLL | None:
     if not can_build():
         return None
     compiler = _compiler()
-    source = resources.files("sasa_jax.attention").joinpath(SOURCE).read_bytes()
+    files = _sources()
     try:
-        path = _library_path(compiler, source)
+        path = _library_path(compiler, files)
         if not path.exists():
-            _build(compiler, source, path)
+            _build(compiler, files, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as err:
         warnings.warn(f"sasa_jax: the 'native' kernel could not be built: {err}", stacklevel=2)
         return None
-    jax.ffi.register_ffi_target(
-        FORWARD_TARGET, jax.ffi.pycapsule(lib.SasaLocalAttentionForward), platform="cpu"
-    )
-    jax.ffi.register_ffi_target(
-        BACKWARD_TARGET, jax.ffi.pycapsule(lib.SasaLocalAttentionBackward), platform="cpu"
-    )
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     lib.SasaWorkspace.restype = ctypes.c_int
     return lib

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sasa_jax.attention import block_attention, from_blocks, stem_attention, stem_tpu
+from sasa_jax.attention import block_attention, from_blocks, native_stem, stem_attention, stem_tpu
 from sasa_jax.nn.attention import (
     STEM_VALUES,
     _check_implementation,
@@ -51,8 +51,9 @@ class StemAttention(nnx.Module):
 
     On TPU, with ``implementation="auto"`` and spatially-aware or stand-alone values, the
     projections run in the kernel's tile layout (``attention.stem_tpu``): the same numbers
-    without full-resolution q, k and v maps. Everywhere else, and for the weights, they run
-    on the map before ``block_attention``.
+    without full-resolution q, k and v maps. On CPU, with "auto" or "native", they run inside
+    the C++ stem kernel (``attention.native_stem``) for the same reason. Everywhere else, and
+    for the weights, they run on the map before ``block_attention``.
     """
 
     def __init__(
@@ -159,11 +160,12 @@ class StemAttention(nnx.Module):
                 f"got {tuple(x.shape[1:3])}"
             )
         want_weights = return_weights or self.capture
-        if want_weights or not self.takes_tiles(x.shape):
+        branches = self._kernel_branches(x.shape)
+        if want_weights or not branches:
             out, weights = self._attend(x, want_weights)
-        else:  # on TPU the kernel's tile layout takes the projections (attention.stem_tpu)
+        else:  # the kernels take the projections (attention.stem_tpu, attention.native_stem)
             out = jax.lax.platform_dependent(
-                x, tpu=self.attend_in_tiles, default=lambda x: self._attend(x, False)[0]
+                x, **branches, default=lambda x: self._attend(x, False)[0]
             )
             weights = None
         if self.capture:
@@ -171,6 +173,24 @@ class StemAttention(nnx.Module):
             self.sow(nnx.Intermediate, "inputs", x)
             self.sow(nnx.Intermediate, "outputs", out)
         return (out, weights) if return_weights else out
+
+    def _kernel_branches(self, shape: tuple[int, ...]) -> dict:
+        """The platforms whose stem kernels take the projections for this input, with each
+        one's function of ``x``."""
+        branches = {}
+        if self.takes_tiles(shape):
+            branches["tpu"] = self.attend_in_tiles
+        if self.takes_native(shape):
+            branches["cpu"] = self.attend_native
+        return branches
+
+    def takes_native(self, shape: tuple[int, ...]) -> bool:
+        """Whether on CPU the C++ stem kernel takes the projections (``attend_native``):
+        ``implementation`` "auto" or "native" where that kernel is offered, spatially-aware or
+        stand-alone values, blocks of at most ``native_stem.MAX_BLOCK``, no weights captured."""
+        if self.implementation not in ("auto", "native") or self.values == "spatial_conv_values":
+            return False
+        return not self.capture and self.block <= native_stem.MAX_BLOCK and native_stem.available()
 
     def takes_tiles(self, shape: tuple[int, ...]) -> bool:
         """Whether on TPU an input of this shape takes the tile layout's projections
@@ -200,27 +220,33 @@ class StemAttention(nnx.Module):
         out, weights = result if want_weights else (result, None)
         return out.reshape(*x.shape[:3], self.out_features), weights
 
-    def attend_in_tiles(self, x: Array, tiled: bool = False) -> Array:
-        """``_attend``'s numbers with the projections in the TPU kernel's tile layout
-        (``attention.stem_tpu``; lowered for TPU, and for CPU in interpret mode):
-        spatially-aware and stand-alone values. ``[b, H, W, out_features]``, or with
-        ``tiled`` the kernel's output tiles ``[b, T, heads, c, TQ]``."""
+    def _kernel_inputs(self, x: Array) -> tuple[Array, ...]:
+        """What the stem kernels take: ``x`` in the compute dtype, ``W_Q``, ``W_K``, each
+        block position's value matrix ``[block*block*in_features, out_features]``
+        (spatially-aware or stand-alone values) and the two tables."""
         kernel = self.query.kernel[...]
         dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
         if self.value is not None:  # one value matrix for every position of the block
             values = jnp.tile(self.value.kernel[...], (self.block * self.block, 1))
         else:
             values = self.mixed_values().reshape(-1, self.out_features)
+        key = self.key.kernel[...]
+        return x.astype(dtype), kernel, key, values, self.rel_row[...], self.rel_col[...]
+
+    def attend_native(self, x: Array) -> Array:
+        """``_attend``'s numbers from the C++ stem kernel (``attention.native_stem``; CPU):
+        ``[b, H, W, out_features]``."""
+        return native_stem.stem_attention(
+            *self._kernel_inputs(x), heads=self.num_heads, block=self.block
+        )
+
+    def attend_in_tiles(self, x: Array, tiled: bool = False) -> Array:
+        """``_attend``'s numbers with the projections in the TPU kernel's tile layout
+        (``attention.stem_tpu``; lowered for TPU, and for CPU in interpret mode):
+        spatially-aware and stand-alone values. ``[b, H, W, out_features]``, or with
+        ``tiled`` the kernel's output tiles ``[b, T, heads, c, TQ]``."""
         return stem_attention(
-            x.astype(dtype),
-            kernel,
-            self.key.kernel[...],
-            values,
-            self.rel_row[...],
-            self.rel_col[...],
-            heads=self.num_heads,
-            block=self.block,
-            tiled=tiled,
+            *self._kernel_inputs(x), heads=self.num_heads, block=self.block, tiled=tiled
         )
 
 
