@@ -135,6 +135,24 @@ def test_the_layer_keeps_its_map_path_where_the_kernel_does_not_apply():
     assert not layer.takes_native(x.shape)
 
 
+def test_vmap_runs_one_call_per_slice():
+    """Under ``jax.vmap`` over a leading axis of the input, each slice's output and weights'
+    gradients are those of a call on it alone."""
+    x, wq, wk, wv, rel_row, rel_col, _ = stem_arrays((8, 8), 3, 16, 2, 4)
+    stacked = np.stack([x, 2 * x])
+
+    def loss(x, wq):
+        out = native_stem.stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=2, block=4)
+        return jnp.sum(out**2)
+
+    mapped = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(0, None)))
+    values, grads = mapped(stacked, wq)
+    for index in range(2):
+        value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(stacked[index], wq)
+        np.testing.assert_allclose(values[index], value, rtol=1e-6)
+        np.testing.assert_allclose(grads[index], grad, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_arguments_are_refused():
     x, wq, wk, wv, rel_row, rel_col, _ = stem_arrays((8, 8), 3, 16, 2, 4)
     with pytest.raises(ValueError, match="multiples of 4"):

@@ -32,14 +32,15 @@ Array = jax.Array
 # The largest block the kernel is compiled for.
 MAX_BLOCK = 8
 
-# Work items a call makes at least (where the map has the rows of blocks): a group of 8 images
-# is cut into bands of rows of blocks until there are this many, so a small batch keeps every
-# core busy. Fixed, not the machine's core count, so the numbers do not depend on the machine.
+# The work items a call aims for: each group of 8 images is cut into bands of its rows of
+# blocks until there are this many (or one band a row), so that a small batch keeps every core
+# busy. Fixed rather than the machine's core count, so the numbers do not depend on the machine.
 MIN_ITEMS = 16
 
 
 def bands(batch: int, height: int, block: int) -> int:
-    """The bands of rows of blocks each group of 8 images is cut into."""
+    """How many bands of its rows of blocks each group of 8 images is cut into (1 to the
+    rows of blocks ``height // block``)."""
     groups = -(-batch // 8)
     return max(1, min(height // block, -(-MIN_ITEMS // groups)))
 
@@ -51,6 +52,8 @@ def available() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Static:
+    """What the kernel is compiled for (the primitives' static parameter)."""
+
     heads: int
     block: int
 
@@ -84,8 +87,9 @@ def _forward(x, wq, wk, wv, rel_row, rel_col, *, static: Static):
 
 
 def _attributes(x, static: Static) -> dict:
-    bands_ = bands(x.shape[0], x.shape[1], static.block)
-    return {"heads": static.heads, "block": static.block, "bands": bands_}
+    """The custom calls' attributes for an input ``x`` of this device's images."""
+    count = bands(x.shape[0], x.shape[1], static.block)
+    return {"heads": static.heads, "block": static.block, "bands": count}
 
 
 def _backward(x, wq, wk, wv, rel_row, rel_col, lse, d_out, *, static: Static):
