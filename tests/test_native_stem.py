@@ -120,14 +120,17 @@ def test_the_layer_takes_the_kernel_with_its_map_paths_numbers(values):
 
 
 def test_the_layer_keeps_its_map_path_where_the_kernel_does_not_apply():
-    """Convolutional values, another implementation and captured weights run on the map."""
+    """Convolutional values, another implementation, heads too wide and captured weights run
+    on the map."""
     x = jnp.ones((1, 8, 8, 3))
+    wide = 2 * (native_stem.MAX_HEAD + 2)  # two heads wider than the kernel takes
     cases = [
         {"values": "spatial_conv_values"},
         {"implementation": "tiled"},
+        {"out_features": wide},
     ]
     for kwargs in cases:
-        layer = StemAttention(3, 16, num_heads=2, rngs=nnx.Rngs(0), **kwargs)
+        layer = StemAttention(3, **{"out_features": 16, **kwargs}, num_heads=2, rngs=nnx.Rngs(0))
         assert not layer.takes_native(x.shape), kwargs
     layer = StemAttention(3, 16, num_heads=2, rngs=nnx.Rngs(0))
     assert layer.takes_native(x.shape)
@@ -161,6 +164,9 @@ def test_bad_arguments_are_refused():
         native_stem.stem_attention(x, wq, wk, wv[:-1], rel_row, rel_col, heads=2, block=4)
     with pytest.raises(ValueError, match="even width"):
         native_stem.stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=16, block=4)
+    wide = np.zeros((3, 2 * (native_stem.MAX_HEAD + 2)), np.float32)
+    with pytest.raises(ValueError, match="at most"):
+        native_stem.stem_attention(x, wide, wide, wv, rel_row, rel_col, heads=2, block=4)
     with pytest.raises(ValueError, match="block must be"):
         native_stem.stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=2, block=0)
 

@@ -43,7 +43,7 @@ using sasa_cpu::Vec;
 using Buf = ffi::Buffer<ffi::F32>;
 using Out = ffi::ResultBuffer<ffi::F32>;
 
-// The widest head the kernel takes (its per-query dO lives in registers' worth of scratch).
+// The widest head the kernel takes (a query's dO for one head is a fixed-size array).
 constexpr int64_t kMaxHead = 64;
 
 inline Vec Max(Vec a, Vec b) { return a > b ? a : b; }

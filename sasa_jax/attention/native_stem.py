@@ -29,8 +29,9 @@ from sasa_jax.attention.per_device import per_device
 
 Array = jax.Array
 
-# The largest block the kernel is compiled for.
+# The largest block the kernel is compiled for, and the widest head it takes.
 MAX_BLOCK = 8
+MAX_HEAD = 64
 
 # The work items a call aims for: each group of 8 images is cut into bands of its rows of
 # blocks until there are this many (or one band a row), so that a small batch keeps every core
@@ -159,7 +160,8 @@ def stem_attention(
       wv: ``[block*block*cin, heads*c]``: for position ``(a, b)`` of the block, rows
         ``(a*block + b)*cin`` on.
       rel_row, rel_col: ``[2*block-1, c/2]``.
-      heads: the number of heads; block: the tile's side, 1 to ``MAX_BLOCK``.
+      heads: the number of heads (of at most ``MAX_HEAD`` channels); block: the tile's side,
+        1 to ``MAX_BLOCK``.
 
     Returns:
       ``[b, H, W, heads*c]`` in ``x``'s dtype. Lowered for CPU only.
@@ -174,8 +176,10 @@ def stem_attention(
         raise ValueError(
             f"x must be [b, H, W, {cin}] with H and W multiples of {block}, got {x.shape}"
         )
-    if heads < 1 or width % heads or (width // heads) % 2:
-        raise ValueError(f"wq's {width} columns must make {heads} heads of an even width")
+    if heads < 1 or width % heads or (width // heads) % 2 or width // heads > MAX_HEAD:
+        raise ValueError(
+            f"wq's {width} columns must make {heads} heads of an even width of at most {MAX_HEAD}"
+        )
     c = width // heads
     expected = {
         "wk": (wk.shape, (cin, width)),
@@ -192,4 +196,4 @@ def stem_attention(
     return out.astype(x.dtype)
 
 
-__all__ = ["MAX_BLOCK", "MIN_ITEMS", "available", "bands", "stem_attention"]
+__all__ = ["MAX_BLOCK", "MAX_HEAD", "MIN_ITEMS", "available", "bands", "stem_attention"]

@@ -187,10 +187,12 @@ class StemAttention(nnx.Module):
     def takes_native(self, shape: tuple[int, ...]) -> bool:
         """Whether on CPU the C++ stem kernel takes the projections (``attend_native``):
         ``implementation`` "auto" or "native" where that kernel is offered, spatially-aware or
-        stand-alone values, blocks of at most ``native_stem.MAX_BLOCK``, no weights captured."""
+        stand-alone values, blocks and heads of at most ``native_stem.MAX_BLOCK`` and
+        ``native_stem.MAX_HEAD``, no weights captured."""
         if self.implementation not in ("auto", "native") or self.values == "spatial_conv_values":
             return False
-        return not self.capture and self.block <= native_stem.MAX_BLOCK and native_stem.available()
+        fits = self.block <= native_stem.MAX_BLOCK and self.head_dim <= native_stem.MAX_HEAD
+        return not self.capture and fits and native_stem.available()
 
     def takes_tiles(self, shape: tuple[int, ...]) -> bool:
         """Whether on TPU an input of this shape takes the tile layout's projections
