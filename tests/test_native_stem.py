@@ -171,6 +171,55 @@ def test_bad_arguments_are_refused():
         native_stem.stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=2, block=0)
 
 
+def _run(code: str, **env: str) -> str:
+    """Runs ``code`` in a fresh Python with extra environment variables; returns its stdout."""
+    if "XLA_FLAGS" in env:  # keep the suite's own flags
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {env['XLA_FLAGS']}"
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_kernels_without_avx_give_the_references_numbers(tmp_path):
+    """Built without AVX, AVX2 or FMA (a CPU without them, or another architecture: the
+    kernels' vectors are the compiler's generic ones), the stem kernel still gives the
+    reference's output and gradients, and the op's kernel builds beside it."""
+    out = _run(
+        """
+        import json, sys
+        import jax, jax.numpy as jnp, numpy as np
+        sys.path.insert(0, "tests")
+        from attention_reference import reference_stem_attention_np, stem_arrays
+        from sasa_jax.attention import native_build, native_stem
+
+        *inputs, c_out = stem_arrays((8, 12), 3, 16, 2, 4, batch=9)
+
+        def loss(*args):
+            return jnp.sum(native_stem.stem_attention(*args, heads=2, block=4) * c_out)
+
+        got = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*inputs)
+        want = reference_stem_attention_np(*inputs, c_out, 2, 4)[1]
+        print(json.dumps({
+            "flags": native_build.compile_command("c++", [], "out"),
+            "error": max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(got, want)),
+        }))
+        """,
+        SASA_JAX_CACHE=str(tmp_path),
+        SASA_JAX_CXXFLAGS="-mno-avx -mno-avx2 -mno-fma",
+    )
+    report = json.loads(out.strip().splitlines()[-1])
+    assert "-mno-avx2" in report["flags"], report
+    assert report["error"] < 1e-3, report
+
+
 def test_batch_sharded_jit_runs_each_devices_images():
     """Under ``jax.jit`` with the batch split over 2 devices, each device runs the kernel on
     its own 2 images (no all-gather of the input), the weights' gradients are summed over the
@@ -205,18 +254,8 @@ def test_batch_sharded_jit_runs_each_devices_images():
             "error": max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(got, want)),
         }))
     """
-    env = {**os.environ}
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    out = _run(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    report = json.loads(out.strip().splitlines()[-1])
     assert report["gathers"] == 0, report
     assert report["calls"] == 2 and report["local"], report  # forward and backward
     assert report["dx_sharding"] == ["data"], report
