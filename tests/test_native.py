@@ -5,37 +5,19 @@ test_attention.py, which runs every implementation through the same tests."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from python_run import run_python
 
 import sasa_jax
 from sasa_jax.attention import axis_window, native, native_build
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(code: str, **env: str) -> str:
-    """Runs ``code`` in a fresh Python with extra environment variables; returns its stdout."""
-    if "XLA_FLAGS" in env:  # keep the suite's own flags
-        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {env['XLA_FLAGS']}"
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_kernel_builds_with_this_machines_compiler():
@@ -56,12 +38,12 @@ def test_build_is_cached_and_reused(tmp_path):
         print(float(sasa_jax.local_attention(q, q, q, window=3, implementation="native").sum()))
     """
     env = dict(SASA_JAX_CACHE=str(tmp_path), SASA_JAX_CXXFLAGS="-O0")
-    first = _run(code, **env)
+    first = run_python(code, **env)
     built = sorted(tmp_path.glob("sasa_cpu_kernel_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     load = "from sasa_jax.attention import native_build; print(native_build.library() is not None)"
-    assert _run(load, **env).strip() == "True"
+    assert run_python(load, **env).strip() == "True"
     assert sorted(tmp_path.glob("sasa_cpu_kernel_*.so")) == built
     assert built[0].stat().st_mtime_ns == stamp
     assert float(first) == 200.0  # all-ones values: every output is 1
@@ -70,7 +52,7 @@ def test_build_is_cached_and_reused(tmp_path):
 
 def test_switched_off_by_environment():
     """SASA_JAX_NATIVE=0: the kernel is not offered and auto falls back to pure JAX."""
-    out = _run(
+    out = run_python(
         """
         import json, sasa_jax
         from sasa_jax.attention import auto_choice, axis_window
@@ -135,7 +117,7 @@ def test_batch_sharded_jit_runs_each_devices_images():
     """Under ``jax.jit`` with the batch split over 2 devices, each device runs the kernel on
     its own 2 images (no all-gather of q, k or v), the table gradients are summed over the
     devices, and the numbers are the reference's."""
-    out = _run(
+    out = run_python(
         """
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
@@ -186,7 +168,6 @@ def test_batch_sharded_jit_runs_each_devices_images():
 def test_vmap_maps_the_kernel_over_the_extra_axis():
     """``jax.vmap`` over a leading axis (of q only; k, v and the tables shared) gives each
     slice's own output and gradients, as the reference computes them one slice at a time."""
-    import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
     from attention_reference import reference_attention

@@ -7,11 +7,6 @@ images."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import chex
 import jax
@@ -20,11 +15,10 @@ import numpy as np
 import pytest
 from attention_reference import reference_stem_attention_np, stem_arrays
 from flax import nnx
+from python_run import run_python
 
 from sasa_jax.attention import native_build, native_stem
 from sasa_jax.nn import StemAttention
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not native_stem.available(), reason="no C++ compiler here")
 
@@ -171,28 +165,12 @@ def test_bad_arguments_are_refused():
         native_stem.stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=2, block=0)
 
 
-def _run(code: str, **env: str) -> str:
-    """Runs ``code`` in a fresh Python with extra environment variables; returns its stdout."""
-    if "XLA_FLAGS" in env:  # keep the suite's own flags
-        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {env['XLA_FLAGS']}"
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 @pytest.mark.slow
 def test_kernels_without_avx_give_the_references_numbers(tmp_path):
     """Built without AVX, AVX2 or FMA (a CPU without them, or another architecture: the
     kernels' vectors are the compiler's generic ones), the stem kernel still gives the
     reference's output and gradients, and the op's kernel builds beside it."""
-    out = _run(
+    out = run_python(
         """
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
@@ -254,7 +232,7 @@ def test_batch_sharded_jit_runs_each_devices_images():
             "error": max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(got, want)),
         }))
     """
-    out = _run(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     report = json.loads(out.strip().splitlines()[-1])
     assert report["gathers"] == 0, report
     assert report["calls"] == 2 and report["local"], report  # forward and backward
