@@ -1,16 +1,15 @@
-"""Building the "native" CPU kernel: compiler, flags, cache, and loading it into XLA.
+"""Building the "native" CPU kernels: compiler, flags, cache, and loading them into XLA.
 
 The kernels' sources (``cpu_kernel.cc``, the op; ``cpu_stem_kernel.cc``, the attention stem;
-``cpu_common.h``, what they share) ship with the package and build into one library. It is
-compiled the first time
-the op runs on CPU -- not when a layer is built, a model summarised or the implementations
-listed -- with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or ``clang++``)
-against the FFI headers of the installed jaxlib, into a cache directory (``$SASA_JAX_CACHE``,
-else ``~/.cache/sasa_jax``), keyed by the source, the compiler, its flags and the jaxlib
-version. Later processes load it from there. ``$SASA_JAX_CXXFLAGS`` adds flags after the
-defaults (``-O0`` gives a quick unoptimised build, as the tests of the cache use). Without a
-compiler, or with ``SASA_JAX_NATIVE=0``, the kernel is not offered and ``auto`` picks a
-pure-JAX implementation.
+``cpu_common.h``, what they share) ship with the package and build into one library, the
+first time the op runs on CPU -- not when a layer is built, a model summarised or the
+implementations listed -- with the machine's C++ compiler (``$CXX``, else ``c++``, ``g++`` or
+``clang++``) against the FFI headers of the installed jaxlib, into a cache directory
+(``$SASA_JAX_CACHE``, else ``~/.cache/sasa_jax``), keyed by the sources, the compiler, its
+flags and the jaxlib version. Later processes load it from there. ``$SASA_JAX_CXXFLAGS`` adds
+flags after the defaults (``-O0`` gives a quick unoptimised build, as the tests of the cache
+use). Without a compiler, or with ``SASA_JAX_NATIVE=0``, the kernels are not offered and
+``auto`` picks a pure-JAX implementation.
 """
 
 from __future__ import annotations
