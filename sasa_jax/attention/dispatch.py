@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -239,21 +240,30 @@ define(attention_p, _forward_abstract, {p: _forward_rule(p) for p in PLATFORMS},
 define(attention_bwd_p, _backward_abstract, {p: _backward_rule(p) for p in PLATFORMS}, outputs=5)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, rel_row, rel_col, static: Static):
-    return attention_p.bind(q, k, v, rel_row, rel_col, static=static)[0]
+def differentiable(forward: core.Primitive, backward: core.Primitive, saved: slice) -> Callable:
+    """``call(arrays, static)``: the first output of ``forward`` bound on ``arrays``, as a
+    ``custom_vjp`` whose backward pass binds ``backward`` on the arrays, the forward's outputs
+    ``saved`` and the first output's cotangent, and returns a gradient for each array
+    (``static``, the primitives' parameter, is not differentiated)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def call(arrays: tuple, static):
+        return forward.bind(*arrays, static=static)[0]
+
+    def call_fwd(arrays: tuple, static):
+        outputs = forward.bind(*arrays, static=static)
+        return outputs[0], (arrays, tuple(outputs[saved]))
+
+    def call_bwd(static, residuals, d_out):
+        arrays, outputs = residuals
+        return (tuple(backward.bind(*arrays, *outputs, d_out, static=static)),)
+
+    call.defvjp(call_fwd, call_bwd)
+    return call
 
 
-def _attention_fwd(q, k, v, rel_row, rel_col, static: Static):
-    out, lse = attention_p.bind(q, k, v, rel_row, rel_col, static=static)
-    return out, (q, k, v, rel_row, rel_col, out, lse)
-
-
-def _attention_bwd(static: Static, residuals, d_out):
-    return tuple(attention_bwd_p.bind(*residuals, d_out, static=static))
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# The output and its log-sum-exp are both kept for the backward pass.
+_attention = differentiable(attention_p, attention_bwd_p, slice(None))
 
 
 def attention(
@@ -287,5 +297,5 @@ def attention(
     k = placeholder if k is None else _heads_together(k)
     if rel_row is None:
         rel_row = rel_col = placeholder
-    out = _attention(_heads_together(q), k, _heads_together(v), rel_row, rel_col, static)
+    out = _attention((_heads_together(q), k, _heads_together(v), rel_row, rel_col), static)
     return static.heads_apart(out)

@@ -24,7 +24,7 @@ from jax._src import core
 from jax._src.interpreters import mlir
 
 from sasa_jax.attention import native, native_build
-from sasa_jax.attention.dispatch import define
+from sasa_jax.attention.dispatch import define, differentiable
 from sasa_jax.attention.per_device import per_device
 
 Array = jax.Array
@@ -122,21 +122,8 @@ define(stem_native_p, _forward_abstract, _rule(_forward), outputs=2)
 define(stem_native_bwd_p, _backward_abstract, _rule(_backward), outputs=6)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _stem(x, wq, wk, wv, rel_row, rel_col, static: Static):
-    return stem_native_p.bind(x, wq, wk, wv, rel_row, rel_col, static=static)[0]
-
-
-def _stem_fwd(x, wq, wk, wv, rel_row, rel_col, static: Static):
-    out, lse = stem_native_p.bind(x, wq, wk, wv, rel_row, rel_col, static=static)
-    return out, (x, wq, wk, wv, rel_row, rel_col, lse)
-
-
-def _stem_bwd(static: Static, residuals, d_out):
-    return tuple(stem_native_bwd_p.bind(*residuals, d_out, static=static))
-
-
-_stem.defvjp(_stem_fwd, _stem_bwd)
+# The backward pass takes the log-sum-exp, not the output.
+_stem = differentiable(stem_native_p, stem_native_bwd_p, slice(1, None))
 
 
 def stem_attention(
@@ -192,7 +179,7 @@ def stem_attention(
             raise ValueError(f"{name} must be {want}, got {tuple(got)}")
     f32 = jnp.float32
     args = (x, wq * jnp.asarray(c**-0.5, wq.dtype), wk, wv, rel_row, rel_col)
-    out = _stem(*(a.astype(f32) for a in args), Static(heads, block))
+    out = _stem(tuple(a.astype(f32) for a in args), Static(heads, block))
     return out.astype(x.dtype)
 
 

@@ -33,7 +33,7 @@ from jax.extend import core
 from jax.interpreters import mlir
 
 from sasa_jax.attention import maxima, pallas_tpu
-from sasa_jax.attention.dispatch import define
+from sasa_jax.attention.dispatch import define, differentiable
 from sasa_jax.attention.pallas_tpu_kernel import backward_kernel, forward_kernel
 from sasa_jax.attention.per_device import per_device
 from sasa_jax.attention.windows import BLOCKS, axis_window
@@ -251,21 +251,8 @@ define(stem_p, _forward_abstract, _rules(_forward), outputs=3)
 define(stem_bwd_p, _backward_abstract, _rules(_backward), outputs=6)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _stem(x, wq, wk, wv, rel_row, rel_col, static: Static):
-    return stem_p.bind(x, wq, wk, wv, rel_row, rel_col, static=static)[0]
-
-
-def _stem_fwd(x, wq, wk, wv, rel_row, rel_col, static: Static):
-    out, out_t, lse_t = stem_p.bind(x, wq, wk, wv, rel_row, rel_col, static=static)
-    return out, (x, wq, wk, wv, rel_row, rel_col, out_t, lse_t)
-
-
-def _stem_bwd(static: Static, residuals, d_out):
-    return tuple(stem_bwd_p.bind(*residuals, d_out, static=static))
-
-
-_stem.defvjp(_stem_fwd, _stem_bwd)
+# The backward pass takes the output tiles and log-sum-exps, not the output on the map.
+_stem = differentiable(stem_p, stem_bwd_p, slice(1, None))
 
 
 def stem_attention(
@@ -308,7 +295,7 @@ def stem_attention(
         raise ValueError(f"wv must be {(block * block * cin, width)}, got {wv.shape}")
     c = width // heads
     static = Static(heads, block, x.shape[1], x.shape[2], c**-0.5, tiled)
-    return _stem(x, wq, wk, wv, rel_row, rel_col, static)
+    return _stem((x, wq, wk, wv, rel_row, rel_col), static)
 
 
 def layout(height: int, width: int, block: int) -> pallas_tpu.Layout:
