@@ -434,39 +434,35 @@ ffi::Error StemBackward(ffi::ThreadPool pool, Buf x, Buf wq, Buf wk, Buf wv, Buf
 
 }  // namespace
 
+// Both passes take the block's inputs first and the geometry as attributes.
+#define SASA_STEM_INPUTS                                   \
+  ffi::Ffi::Bind()                                         \
+      .Ctx<ffi::ThreadPool>()                              \
+      .Arg<Buf>() /* x */                                  \
+      .Arg<Buf>() /* wq (scaled) */                        \
+      .Arg<Buf>() /* wk */                                 \
+      .Arg<Buf>() /* wv */                                 \
+      .Arg<Buf>() /* rel_row */                            \
+      .Arg<Buf>() /* rel_col */
+
+#define SASA_STEM_ATTRS \
+  .Attr<int64_t>("heads").Attr<int64_t>("block").Attr<int64_t>("bands")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaStemForward, StemForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Buf>()  // x
-                                  .Arg<Buf>()  // wq (scaled)
-                                  .Arg<Buf>()  // wk
-                                  .Arg<Buf>()  // wv
-                                  .Arg<Buf>()  // rel_row
-                                  .Arg<Buf>()  // rel_col
+                              SASA_STEM_INPUTS
                                   .Ret<Buf>()  // out
                                   .Ret<Buf>()  // each query's largest logit
                                   .Ret<Buf>()  // its sum of exp(logit - largest)
-                                  .Attr<int64_t>("heads")
-                                  .Attr<int64_t>("block")
-                                  .Attr<int64_t>("bands"));
+                                      SASA_STEM_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SasaStemBackward, StemBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Buf>()  // x
-                                  .Arg<Buf>()  // wq (scaled)
-                                  .Arg<Buf>()  // wk
-                                  .Arg<Buf>()  // wv
-                                  .Arg<Buf>()  // rel_row
-                                  .Arg<Buf>()  // rel_col
+                              SASA_STEM_INPUTS
                                   .Arg<Buf>()  // d_out
                                   .Arg<Buf>()  // lse
                                   .Ret<Buf>()  // dx
-                                  .Ret<Buf>()  // dwq, per image
-                                  .Ret<Buf>()  // dwk, per image
-                                  .Ret<Buf>()  // dwv, per image
-                                  .Ret<Buf>()  // d_rel_row, per image
-                                  .Ret<Buf>()  // d_rel_col, per image
-                                  .Attr<int64_t>("heads")
-                                  .Attr<int64_t>("block")
-                                  .Attr<int64_t>("bands"));
+                                  .Ret<Buf>()  // dwq, per (band, image)
+                                  .Ret<Buf>()  // dwk, per (band, image)
+                                  .Ret<Buf>()  // dwv, per (band, image)
+                                  .Ret<Buf>()  // d_rel_row, per (band, image)
+                                  .Ret<Buf>()  // d_rel_col, per (band, image)
+                                      SASA_STEM_ATTRS);
