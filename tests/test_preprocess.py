@@ -217,6 +217,40 @@ def test_flip_mirrors_about_half_the_time():
     assert 70 <= flips <= 130  # Binomial(200, 0.5): outside this in < 1e-4 of seeds
 
 
+def test_translate_moves_whole_pixels_uniformly_without_resampling():
+    """One white pixel on black lands, unchanged, at every offset within the limit, and the
+    vacated pixels are black."""
+    image = np.zeros((21, 21, 3), np.uint8)
+    image[10, 10] = 255
+    augment = data.TrainAugment(
+        size=21, area_range=(1.0, 1.0), ratio_range=(1.0, 1.0), flip=False, translate=2
+    )
+    rng = np.random.default_rng(0)
+    offsets = []
+    for _ in range(400):
+        out = data.train_image(_encoded(image), rng, augment)
+        ((row, col),) = np.argwhere(out[..., 0] == 255)
+        assert out.sum() == 3 * 255  # one pixel, all three channels, nothing blurred
+        offsets.append((row - 10, col - 10))
+    assert set(offsets) == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+
+
+def test_translate_fills_the_vacated_edge_with_black():
+    image = np.full((8, 8, 3), 200, np.uint8)
+    out = data.preprocess.translate(image, (-3, 2))  # up 3, right 2
+    assert (out[5:] == 0).all() and (out[:, :2] == 0).all()
+    assert (out[:5, 2:] == 200).all()
+
+
+def test_translate_comes_from_the_config():
+    from sasa_jax.train import config as config_lib
+
+    config = config_lib.default_config()
+    assert data.augment_from_config(config).translate == 0
+    config.translate_pixels = 3
+    assert data.augment_from_config(config).translate == 3
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_eval_crop_is_the_centre(fmt):
     image = np.zeros((200, 300, 3), np.uint8)

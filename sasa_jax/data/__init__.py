@@ -45,6 +45,7 @@ def augment_from_config(config) -> TrainAugment:
         area_range=(config.crop_area_min, 1.0),
         ratio_range=(config.crop_ratio_min, config.crop_ratio_max),
         flip=config.random_flip,
+        translate=config.get("translate_pixels", 0),
     )
 
 

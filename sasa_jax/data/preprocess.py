@@ -33,6 +33,8 @@ class TrainAugment:
       ratio_range: crop aspect ratio (width / height), sampled log-uniformly.
       flip: random horizontal flip.
       attempts: crop samples tried before the centre-crop fallback.
+      translate: after the crop, a shift of up to this many whole pixels along each axis
+        (uniform, the vacated pixels black, no resampling); 0: none.
     """
 
     size: int
@@ -40,6 +42,7 @@ class TrainAugment:
     ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     attempts: int = 10
+    translate: int = 0
 
     def example(self, record: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A classification training example: ``{"image": uint8 [size, size, 3], "label":
@@ -213,7 +216,8 @@ def _rgb(array: np.ndarray) -> np.ndarray:
 
 
 def train_image(image, rng: np.random.Generator, augment: TrainAugment) -> np.ndarray:
-    """Inception crop, resize to ``augment.size``, random flip: ``uint8 [size, size, 3]``."""
+    """Inception crop, resize to ``augment.size``, random flip, then ``augment.translate``'s
+    shift: ``uint8 [size, size, 3]``."""
 
     def box(width, height):
         return sample_crop(
@@ -221,7 +225,22 @@ def train_image(image, rng: np.random.Generator, augment: TrainAugment) -> np.nd
         )
 
     flip = augment.flip and rng.random() < 0.5
-    return crop_and_resize(image, box, augment.size, flip=flip)
+    out = crop_and_resize(image, box, augment.size, flip=flip)
+    if augment.translate:
+        out = translate(out, rng.integers(-augment.translate, augment.translate + 1, size=2))
+    return out
+
+
+def translate(image: np.ndarray, shift) -> np.ndarray:
+    """``image`` ``[h, w, c]`` moved by ``shift = (down, right)`` whole pixels (negative: up,
+    left), the vacated pixels 0."""
+    dy, dx = (int(d) for d in shift)
+    h, w = image.shape[:2]
+    out = np.zeros_like(image)
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
 
 
 def eval_image(image, size: int, crop_fraction: float = 0.875) -> np.ndarray:

@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.crop_ratio_min = 3 / 4
     config.crop_ratio_max = 4 / 3
     config.random_flip = True
+    config.translate_pixels = 0  # then a shift of up to this many whole pixels (no resampling)
     config.eval_crop_fraction = 0.875
     config.num_workers = 0  # Grain worker processes (0: decode in threads of this process)
     config.num_threads = 2  # decoding threads per process (or per worker)
