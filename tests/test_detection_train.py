@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from sasa_jax import visualize
+from sasa_jax import evaluate, visualize
 from sasa_jax.data import coco_folder, detection_builders
 from sasa_jax.detection.coco_eval import METRICS
 from sasa_jax.train import config as config_lib
@@ -64,6 +64,8 @@ def test_digit_scenes_train_and_resume_from_half_way(tmp_path, monkeypatch):
 
     picture = visualize.visualize(str(workdir))
     assert picture.endswith("detections.png") and os.path.getsize(picture) > 10_000
+    again = evaluate.evaluate_run(str(workdir))["metrics"]  # the COCO metrics again, to the bit
+    assert {name: again[name] for name in METRICS} == {name: first[name] for name in METRICS}
 
     shutil.rmtree(workdir / "checkpoints" / "4")  # as if stopped after the step-2 checkpoint
     train_lib.train_and_evaluate(config, str(workdir))
