@@ -8,7 +8,7 @@ eval outputs and how they become metrics, and the examples the input pipeline ma
 from __future__ import annotations
 
 from sasa_jax import data
-from sasa_jax.tasks.base import Task, compute_dtype, normalized_images
+from sasa_jax.tasks.base import Task, check_pixel_normalisation, compute_dtype, normalized_images
 from sasa_jax.tasks.classification import ClassificationTask, cross_entropy
 from sasa_jax.tasks.detection import DetectionTask, check_detection_config, detector_spec
 
@@ -25,6 +25,7 @@ __all__ = [
     "DetectionTask",
     "Task",
     "check_detection_config",
+    "check_pixel_normalisation",
     "compute_dtype",
     "cross_entropy",
     "detector_spec",

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sasa_jax import data
+from sasa_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Task(Protocol):
@@ -39,8 +40,28 @@ def compute_dtype(config) -> Any:
 
 
 def normalized_images(config, batch: dict) -> jax.Array:
-    """A batch's ``uint8`` images normalised on the device, in the config's compute dtype."""
-    return data.normalize(batch["image"], dtype=compute_dtype(config))
+    """A batch's ``uint8`` images normalised on the device with the config's ``pixel_mean`` and
+    ``pixel_std`` (ImageNet's for a run recorded without them), in its compute dtype."""
+    mean, std = _pixel_normalisation(config)
+    return data.normalize(batch["image"], mean=mean, std=std, dtype=compute_dtype(config))
 
 
-__all__ = ["Task", "compute_dtype", "normalized_images"]
+def _pixel_normalisation(config) -> tuple[tuple, tuple]:
+    return (
+        tuple(config.get("pixel_mean", IMAGENET_MEAN)),
+        tuple(config.get("pixel_std", IMAGENET_STD)),
+    )
+
+
+def check_pixel_normalisation(config) -> None:
+    """Raises ValueError unless ``pixel_mean`` and ``pixel_std`` have three values (R, G, B)
+    and every std is positive."""
+    mean, std = _pixel_normalisation(config)
+    for name, values in (("pixel_mean", mean), ("pixel_std", std)):
+        if len(values) != 3:
+            raise ValueError(f"config.{name} needs 3 values (R, G, B), got {values}")
+    if min(std) <= 0:
+        raise ValueError(f"config.pixel_std must be positive, got {std}")
+
+
+__all__ = ["Task", "check_pixel_normalisation", "compute_dtype", "normalized_images"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from sasa_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from sasa_jax.models import ModelSpec
 
 # Short names accepted in the argument string, besides every ``config.model`` field.
@@ -34,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.random_flip = True
     config.translate_pixels = 0  # then a shift of up to this many whole pixels (no resampling)
     config.eval_crop_fraction = 0.875
+    # On the device, each RGB channel of x / 255 becomes (x / 255 - pixel_mean) / pixel_std.
+    config.pixel_mean = IMAGENET_MEAN
+    config.pixel_std = IMAGENET_STD
     config.num_workers = 0  # Grain worker processes (0: decode in threads of this process)
     config.num_threads = 2  # decoding threads per process (or per worker)
     config.prefetch_batches = 2  # batches in flight onto the devices

@@ -67,6 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "sasa_jax.train.config.detection_config() (see configs/digits_detection.py)"
             )
         tasks.check_detection_config(config)
+    tasks.check_pixel_normalisation(config)
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0")
     if not 0.0 <= config.ema_decay < 1.0:
