@@ -7,9 +7,9 @@ configs/digits.py (ResNet-26 layout, widths x0.25, attention in every stage, 5x5
 
   python train.py --config=configs/digits_clutter.py --workdir=/tmp/sasa_clutter
 
-Expect a test top-1 (the last eval_top1 in metrics.jsonl) of about 0.82 (measured 2026-12-04:
-0.825; seeds 1-4: 0.805, 0.829, 0.838, 0.819) in about 2 minutes on a 2-core CPU (121 s), from
-an empty TFDS data dir; the README's results table. The argument selects model fields like
+Expect a test top-1 (the last eval_top1 in metrics.jsonl) of about 0.84 (measured 2026-12-05
+at 84d0544 on a 2-core Xeon: 0.848; seeds 1-4: 0.840, 0.849, 0.848, 0.829) in about 100 s,
+from an empty TFDS data dir; the README's results table. The argument selects model fields like
 configs/imagenet.py, e.g. --config=configs/digits_clutter.py:variant=baseline.
 docs/ablations.md sweeps them with python -m sasa_jax.sweep (Tables 3-7, at this config's
 10 epochs).
