@@ -25,6 +25,7 @@ def _config(path, arg=None):
         ("eval_batch_size", 0, "eval_batch_size"),
         ("pixel_mean", (0.5, 0.5), "pixel_mean needs 3 values"),
         ("pixel_std", (0.3, 0.0, 0.3), "pixel_std must be positive"),
+        ("translate_pixels", -1, "translate_pixels must be >= 0"),
     ],
 )
 def test_config_errors(field, value, match):

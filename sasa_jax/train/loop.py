@@ -68,6 +68,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             )
         tasks.check_detection_config(config)
     tasks.check_pixel_normalisation(config)
+    if config.get("translate_pixels", 0) < 0:
+        raise ValueError(f"config.translate_pixels must be >= 0, got {config.translate_pixels}")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError("set config.num_train_steps > 0 or config.num_epochs > 0")
     if not 0.0 <= config.ema_decay < 1.0:
