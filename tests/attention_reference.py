@@ -314,3 +314,22 @@ def reference_stem_attention_np(x, wq, wk, wv, rel_row, rel_col, c_out, heads, b
     np.add.at(dwv, position.reshape(-1), d_per_pixel.reshape(h * w, cin, width))
     grads = (dx, dwq, dwk, dwv.reshape(-1, width), d_row, d_col)
     return out.reshape(b, h, w, width), grads
+
+
+def assert_stem_vmap_is_per_slice(stem_fn, arrays, heads, block):
+    """Under ``jax.vmap`` over a leading axis of the input (``x`` and ``2x`` of ``arrays``,
+    ``stem_arrays``' tuple), ``stem_fn``'s loss ``sum(out**2)`` and its gradient for ``W_Q``
+    equal those of a call on each slice alone: the reference for vmap is the unbatched call."""
+    x, wq, wk, wv, rel_row, rel_col, _ = arrays
+    stacked = np.stack([x, 2 * x])
+
+    def loss(x, wq):
+        out = stem_fn(x, wq, wk, wv, rel_row, rel_col, heads=heads, block=block)
+        return jnp.sum(out**2)
+
+    mapped = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(0, None)))
+    values, grads = mapped(stacked, wq)
+    for index in range(2):
+        value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(stacked[index], wq)
+        np.testing.assert_allclose(values[index], value, rtol=1e-6)
+        np.testing.assert_allclose(grads[index], grad, rtol=1e-5, atol=1e-6)

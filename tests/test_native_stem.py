@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_stem_attention_np, stem_arrays
+from attention_reference import (
+    assert_stem_vmap_is_per_slice,
+    reference_stem_attention_np,
+    stem_arrays,
+)
 from flax import nnx
 from python_run import run_python
 
@@ -135,19 +139,8 @@ def test_the_layer_keeps_its_map_path_where_the_kernel_does_not_apply():
 def test_vmap_runs_one_call_per_slice():
     """Under ``jax.vmap`` over a leading axis of the input, each slice's output and weights'
     gradients are those of a call on it alone."""
-    x, wq, wk, wv, rel_row, rel_col, _ = stem_arrays((8, 8), 3, 16, 2, 4)
-    stacked = np.stack([x, 2 * x])
-
-    def loss(x, wq):
-        out = native_stem.stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=2, block=4)
-        return jnp.sum(out**2)
-
-    mapped = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(0, None)))
-    values, grads = mapped(stacked, wq)
-    for index in range(2):
-        value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(stacked[index], wq)
-        np.testing.assert_allclose(values[index], value, rtol=1e-6)
-        np.testing.assert_allclose(grads[index], grad, rtol=1e-5, atol=1e-6)
+    arrays = stem_arrays((8, 8), 3, 16, 2, 4)
+    assert_stem_vmap_is_per_slice(native_stem.stem_attention, arrays, heads=2, block=4)
 
 
 def test_bad_arguments_are_refused():
@@ -175,7 +168,11 @@ def test_kernels_without_avx_give_the_references_numbers(tmp_path):
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
         sys.path.insert(0, "tests")
-        from attention_reference import reference_stem_attention_np, stem_arrays
+        from attention_reference import (
+    assert_stem_vmap_is_per_slice,
+    reference_stem_attention_np,
+    stem_arrays,
+)
         from sasa_jax.attention import native_build, native_stem
 
         *inputs, c_out = stem_arrays((8, 12), 3, 16, 2, 4, batch=9)
@@ -207,7 +204,11 @@ def test_batch_sharded_jit_runs_each_devices_images():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         sys.path.insert(0, "tests")
-        from attention_reference import reference_stem_attention_np, stem_arrays
+        from attention_reference import (
+    assert_stem_vmap_is_per_slice,
+    reference_stem_attention_np,
+    stem_arrays,
+)
         from sasa_jax.attention import native_stem
 
         mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -11,7 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_stem_attention_np, stem_arrays
+from attention_reference import (
+    assert_stem_vmap_is_per_slice,
+    reference_stem_attention_np,
+    stem_arrays,
+)
 from flax import nnx
 
 from sasa_jax.attention import stem_attention
@@ -93,19 +97,8 @@ def test_the_layers_two_paths_agree(values):
 def test_vmap_runs_one_call_per_slice():
     """Under ``jax.vmap`` (over a leading axis of the input) the output and the weights'
     gradients are those of the calls one slice at a time."""
-    x, wq, wk, wv, rel_row, rel_col, _ = _arrays((8, 16), 3, 16)
-    stacked = np.stack([x, 2 * x])
-
-    def loss(x, wq):
-        out = stem_attention(x, wq, wk, wv, rel_row, rel_col, heads=HEADS, block=BLOCK)
-        return jnp.sum(out**2)
-
-    mapped = jax.jit(jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(0, None)))
-    values, grads = mapped(stacked, wq)
-    for index in range(2):
-        value, grad = jax.jit(jax.value_and_grad(loss, argnums=1))(stacked[index], wq)
-        np.testing.assert_allclose(values[index], value, rtol=1e-6)
-        np.testing.assert_allclose(grads[index], grad, rtol=1e-5, atol=1e-6)
+    arrays = _arrays((8, 16), 3, 16)
+    assert_stem_vmap_is_per_slice(stem_attention, arrays, heads=HEADS, block=BLOCK)
 
 
 def test_bad_arguments_are_refused():
