@@ -168,11 +168,7 @@ def test_kernels_without_avx_give_the_references_numbers(tmp_path):
         import json, sys
         import jax, jax.numpy as jnp, numpy as np
         sys.path.insert(0, "tests")
-        from attention_reference import (
-    assert_stem_vmap_is_per_slice,
-    reference_stem_attention_np,
-    stem_arrays,
-)
+        from attention_reference import reference_stem_attention_np, stem_arrays
         from sasa_jax.attention import native_build, native_stem
 
         *inputs, c_out = stem_arrays((8, 12), 3, 16, 2, 4, batch=9)
@@ -204,11 +200,7 @@ def test_batch_sharded_jit_runs_each_devices_images():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         sys.path.insert(0, "tests")
-        from attention_reference import (
-    assert_stem_vmap_is_per_slice,
-    reference_stem_attention_np,
-    stem_arrays,
-)
+        from attention_reference import reference_stem_attention_np, stem_arrays
         from sasa_jax.attention import native_stem
 
         mesh = Mesh(np.array(jax.devices()), ("data",))
