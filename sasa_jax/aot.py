@@ -19,12 +19,12 @@ plugin, a bad config or steps that do not fit print one line and exit with statu
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from sasa_jax import cli
 from sasa_jax.analysis import targets
 from sasa_jax.analysis.compile_report import GB, StepReport, compile_steps
 
@@ -136,27 +136,21 @@ def main() -> None:
     flags.mark_flags_as_required(["config", "topology"])
 
     def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.no_positional_arguments(argv)
         jax.config.update("jax_platforms", "cpu")  # no accelerator here: compile-only devices
-        try:
+        with cli.user_errors("sasa_jax.aot"):
             result = run(config.value, topology.value, batch.value, max_batch.value)
-        except ValueError as error:
-            print(f"sasa_jax.aot: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
         print(describe(result), flush=True)
         if as_json.value:
             print(json.dumps(result), flush=True)
         if not result["fits"]:
-            print(
-                f"sasa_jax.aot: error: the steps need {result['memory']['peak_bytes'] / GB:.2f} "
+            cli.fail(
+                "sasa_jax.aot",
+                f"the steps need {result['memory']['peak_bytes'] / GB:.2f} "
                 f"GB per device, more than the {result['device_memory_bytes'] / GB:.1f} GB of a "
                 f"{result['device_kind']}; lower --per_device_batch "
                 "(--max_batch finds the largest that fits)",
-                file=sys.stderr,
-                flush=True,
             )
-            sys.exit(2)
 
     app.run(_main)
 

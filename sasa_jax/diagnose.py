@@ -20,14 +20,13 @@ model's workdir too to compare the parts.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from sasa_jax import data, tasks
+from sasa_jax import cli, data, tasks
 from sasa_jax.analysis import diagnostics, shifts
 from sasa_jax.train import workdir as run_record
 from sasa_jax.train.restore import restored_states
@@ -179,16 +178,12 @@ def main() -> None:
     flags.mark_flags_as_required(["workdir"])
 
     def run(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        try:
+        cli.no_positional_arguments(argv)
+        with cli.user_errors("sasa_jax.diagnose"):
             chosen = [int(s) for s in steps.value] if steps.value else None
             rows = diagnose(
                 workdir.value, chosen, init.value, images.value, moved.value, shift_images.value
             )
-        except (ValueError, FileNotFoundError) as error:
-            print(f"sasa_jax.diagnose: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
         print(_format(rows))
         if as_json.value:
             print(json.dumps({"workdir": workdir.value, "rows": rows}))

@@ -13,7 +13,6 @@ way. Single-process.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import ml_collections
@@ -21,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sasa_jax import data, tasks
+from sasa_jax import cli, data, tasks
 from sasa_jax.train import workdir as run_record
 from sasa_jax.train.loop import compiled_eval_step, evaluate
 from sasa_jax.train.restore import restored_states
@@ -95,13 +94,9 @@ def main() -> None:
     flags.mark_flags_as_required(["workdir"])
 
     def run(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        try:
+        cli.no_positional_arguments(argv)
+        with cli.user_errors("sasa_jax.evaluate"):
             out = evaluate_run(workdir.value, step.value, settings.value)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"sasa_jax.evaluate: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
         print(f"eval at step {out['step']}: {out['summary']}", flush=True)
         if as_json.value:
             print(json.dumps({"workdir": workdir.value, **out}, default=float))

@@ -12,6 +12,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from sasa_jax import cli
 from sasa_jax.analysis.model_summary import summarize_config
 
 
@@ -38,8 +39,7 @@ def main() -> None:
     as_json = flags.DEFINE_bool("json", False, "End with one JSON object on the last line.")
 
     def run(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.no_positional_arguments(argv)
         if config.value is None:
             raise app.UsageError("--config is required, e.g. --config=configs/imagenet.py:depth=50")
         result = summarize_config(config.value)

@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Any
 
+from sasa_jax import cli
 from sasa_jax.analysis import sweep_results
 from sasa_jax.train import EXIT_STOPPED, host, metrics
 from sasa_jax.train import config as config_lib
@@ -278,12 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per cell")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     args, overrides = parser.parse_known_args(argv)
-    try:
+    with cli.user_errors("sasa_jax.sweep"):
         runs = plan(args.config, args.workdir, args.grid, args.seeds, overrides)
         rows = run_all(runs, args.jobs, TRAIN)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     paths = sweep_results.write(args.workdir, rows)
     failed = sum(r["status"] != "done" for r in rows)
     print(f"{len(rows) - failed} of {len(rows)} runs done; " + ", ".join(map(str, paths)))

@@ -12,12 +12,11 @@ detection run it draws the first eval images with the detections beside the grou
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import numpy as np
 from absl import app, flags
 
-from sasa_jax import data, tasks
+from sasa_jax import cli, data, tasks
 from sasa_jax.train.restore import load_run
 from sasa_jax.viz.attention_maps import attention_maps, draw
 from sasa_jax.viz.detections import draw_detections, predict_examples
@@ -77,15 +76,11 @@ def main() -> None:
     )
 
     def run(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.no_positional_arguments(argv)
         if not workdir.value:
             raise app.UsageError("--workdir is required")
-        try:
+        with cli.user_errors("sasa_jax.visualize"):
             print(visualize(workdir.value, image.value, out.value))
-        except (ValueError, FileNotFoundError) as error:
-            print(f"visualize: error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
 
     app.run(run)
 

@@ -174,7 +174,9 @@ def test_the_command_line_returns_failure_when_a_run_failed(tmp_path, fake_train
     )
     assert code == 1
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.png").exists()
-    assert sweep.main(["--config=configs/digits.py", f"--workdir={tmp_path}", "--seeds=0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # --seeds=0 is the user's to fix: status 2
+        sweep.main(["--config=configs/digits.py", f"--workdir={tmp_path}", "--seeds=0"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.slow

@@ -2,8 +2,7 @@
 resumable loop over a device mesh (``loop``), checkpoints, the workdir's run record and metrics.
 ``python -m sasa_jax.train`` is the command line (``__main__``)."""
 
-# The command's exit statuses besides 0 (trained to the end): a config or data error, and a run
-# a signal stopped with a checkpoint, which the same command resumes (EX_TEMPFAIL, as schedulers
-# that requeue temporary failures read it).
-EXIT_CONFIG_ERROR = 2
+# The command's exit status for a run a signal stopped with a checkpoint, which the same command
+# resumes (EX_TEMPFAIL, as schedulers that requeue temporary failures read it). A config or data
+# error exits with sasa_jax.cli.EXIT_USER_ERROR (2); a run trained to the end with 0.
 EXIT_STOPPED = 75

@@ -29,7 +29,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sasa_jax.train import EXIT_CONFIG_ERROR, EXIT_STOPPED, loop
+from sasa_jax import cli
+from sasa_jax.train import EXIT_STOPPED, loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file[:argument].", lock_config=True
@@ -91,8 +92,7 @@ def size_cpu_thread_pool() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.no_positional_arguments(argv)
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
     size_cpu_thread_pool()
@@ -105,13 +105,8 @@ def main(argv) -> None:
         jax.device_count(),
         jax.default_backend(),
     )
-    try:
+    with cli.user_errors("sasa_jax.train", traceback=_TRACEBACK.value):
         result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as error:
-        if _TRACEBACK.value:
-            raise
-        print(f"sasa_jax.train: error: {error}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CONFIG_ERROR)
     if result["stopped"]:
         sys.exit(EXIT_STOPPED)
 
