@@ -42,7 +42,8 @@ def main() -> None:
         cli.no_positional_arguments(argv)
         if config.value is None:
             raise app.UsageError("--config is required, e.g. --config=configs/imagenet.py:depth=50")
-        result = summarize_config(config.value)
+        with cli.user_errors("sasa_jax.summary"):
+            result = summarize_config(config.value)
         print(format_summary(result))
         if as_json.value:
             print(json.dumps(result))

@@ -129,6 +129,17 @@ def test_summary_command_json_builds_no_kernel(tmp_path):
     assert "stage4" in proc.stdout
 
 
+def test_a_bad_model_field_is_one_line_and_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sasa_jax.summary", "--config=configs/imagenet.py:depth=51"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "sasa_jax.summary: error: model.depth must be one of" in proc.stderr
+
+
 @pytest.mark.slow
 def test_conv_retinanet_flops_and_table_2_rows():
     """The conv RetinaNet-50 at 640 against a hand count over the pyramid, and the paper's
