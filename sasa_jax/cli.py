@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
-def fail(prog: str, message: str) -> None:
+def fail(prog: str, message: str) -> NoReturn:
     """Prints ``PROG: error: MESSAGE`` on stderr and exits with status 2."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
