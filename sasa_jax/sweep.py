@@ -1,7 +1,7 @@
 r"""Config-driven ablations: every cell of a grid, for several seeds, as ordinary training runs.
 
   python -m sasa_jax.sweep --config=configs/digits_clutter.py --workdir=/tmp/sweep_window \
-      --grid=model.window=3,5,7,9 --seeds=3
+      --grid=model.window=3,5,7,9 --seeds=3 --config.num_epochs=10
 
 Each run is ``python -m sasa_jax.train --config=FILE[:ARG] --workdir=DIR/<cell>/seed<k>
 --config.seed=k`` plus the cell's ``--config.FIELD=VALUE`` and any ``--config.FIELD=VALUE`` given
